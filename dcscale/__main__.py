@@ -1,0 +1,3 @@
+from dcscale.cli import main
+
+raise SystemExit(main())

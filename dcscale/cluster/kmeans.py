@@ -1,0 +1,147 @@
+"""faiss k-means: training on (optionally subsampled) rows, and assignment of every row.
+
+GPU faiss on all visible GPUs when the installed faiss has GPUs, CPU faiss otherwise; same calls.
+Training rows are chosen up front by `training_row_indices` (so that in a distributed run only
+those rows travel to rank 0), hence faiss's own subsampling is switched off here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+
+_ASSIGN_CHUNK = 262144  # query rows per search call: bounds faiss's temporary distance buffers
+
+
+@dataclass
+class KMeansResult:
+    centroids: np.ndarray  # [K, d] float32
+    objective: float  # faiss's objective of the last iteration: sum of squared distances of the training rows
+    iteration_objectives: list[float] = field(default_factory=list)
+    n_train: int = 0  # rows k-means was trained on (after padding, see train_kmeans)
+
+
+def cycle_seed(run_seed: int, cycle: int) -> int:
+    """A fresh, reproducible k-means seed for every cycle (fits faiss's 32-bit int seed)."""
+    state = np.random.SeedSequence([int(run_seed), int(cycle), 0x6B6D]).generate_state(1)[0]
+    return int(state & 0x7FFFFFFF)
+
+
+def training_row_indices(n_total: int, k: int, max_points_per_centroid: int | None, seed: int) -> np.ndarray | None:
+    """Sorted global indices of the rows k-means trains on: a uniform sample of
+    k * max_points_per_centroid rows (faiss-style subsampling), or None for all rows (the original
+    algorithm, and whenever there are no more rows than that)."""
+    if max_points_per_centroid is None or n_total <= k * max_points_per_centroid:
+        return None
+    rng = np.random.default_rng([int(seed), 0x5EED])
+    return np.sort(rng.choice(n_total, size=k * max_points_per_centroid, replace=False))
+
+
+def use_gpu() -> bool:
+    """True when the installed faiss is a GPU build and sees at least one GPU."""
+    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+
+
+def _flat_index(d: int, gpu: bool | None) -> faiss.Index:
+    """Exact L2 index, replicated on all visible GPUs when faiss has them (faiss.Kmeans does the same)."""
+    index = faiss.IndexFlatL2(d)
+    if use_gpu() if gpu is None else gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
+    return index
+
+
+def _as_rows(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-D array of rows, got shape {x.shape}")
+    return x
+
+
+def train_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, *, gpu: bool | None = None,
+                 verbose: bool = False) -> KMeansResult:
+    """Train k-means with faiss on the rows of x [T, d] (random initial centroids, as the original).
+
+    Empty clusters during training are re-seeded by faiss's splitting. When there are fewer rows
+    than clusters (K close to or above N), the rows are repeated to reach K so that faiss can run;
+    the surplus centroids then duplicate others and end up empty at assignment, where they are
+    counted (never a crash).
+    """
+    x = _as_rows(x)
+    t, d = x.shape
+    if t == 0:
+        raise ValueError("k-means needs at least one training row")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if t < k:
+        x = np.ascontiguousarray(np.resize(x, (k, d)))  # repeats rows cyclically
+        t = k
+    clus = faiss.Clustering(d, k)
+    clus.niter = int(niter)
+    clus.seed = int(seed)
+    clus.verbose = verbose
+    # Rows are already subsampled (training_row_indices): faiss must take them all, and must not
+    # warn about few points per centroid (K near N is a legitimate, handled case).
+    clus.max_points_per_centroid = t // k + 1  # k * this > t: no faiss subsampling
+    clus.min_points_per_centroid = 1
+    index = _flat_index(d, gpu)
+    clus.train(x, index)
+    centroids = faiss.vector_to_array(clus.centroids).reshape(k, d).astype(np.float32, copy=False)
+    stats = clus.iteration_stats
+    objectives = [float(stats.at(i).obj) for i in range(stats.size())]
+    return KMeansResult(centroids=centroids, objective=objectives[-1] if objectives else float("nan"),
+                        iteration_objectives=objectives, n_train=t)
+
+
+def assign(x: np.ndarray, centroids: np.ndarray, *, gpu: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid of every row: (labels int64 [n], squared distances float32 [n])."""
+    x = _as_rows(x)
+    centroids = _as_rows(centroids)
+    if x.shape[1] != centroids.shape[1]:
+        raise ValueError(f"rows have {x.shape[1]} dims, centroids {centroids.shape[1]}")
+    index = _flat_index(centroids.shape[1], gpu)
+    index.add(centroids)
+    labels = np.empty(x.shape[0], dtype=np.int64)
+    dists = np.empty(x.shape[0], dtype=np.float32)
+    for lo in range(0, x.shape[0], _ASSIGN_CHUNK):
+        d, i = index.search(x[lo:lo + _ASSIGN_CHUNK], 1)
+        labels[lo:lo + _ASSIGN_CHUNK] = i[:, 0]
+        dists[lo:lo + _ASSIGN_CHUNK] = d[:, 0]
+    # Rounding can make a tiny squared distance slightly negative.
+    np.maximum(dists, 0.0, out=dists)
+    return labels, dists
+
+
+@dataclass
+class ClusteringResult:
+    labels: np.ndarray  # int64 [n]
+    centroids: np.ndarray  # [K, d]
+    objective: float  # faiss's training objective (sum over training rows, last iteration)
+    assignment_objective: float  # mean squared distance of ALL rows to their assigned centroid
+    stats: dict  # cluster_stats(labels, k)
+    n_train: int
+
+
+def cluster_features(features: np.ndarray, k: int, *, niter: int = 20, seed: int = 0,
+                     pca_dim: int | None = 256, pca_sample: int | None = None,
+                     max_points_per_centroid: int | None = None, gpu: bool | None = None) -> ClusteringResult:
+    """The whole single-host reduce -> cluster -> assign pipeline on features [N, D]
+    (what a distributed run does with gathers in between). `seed` drives the PCA sample, the
+    training-row sample and faiss."""
+    from dcscale.cluster.metrics import cluster_stats
+    from dcscale.cluster.pca import apply_pca, fit_pca, sample_row_indices
+
+    n = features.shape[0]
+    pca = None
+    if pca_dim is not None:
+        rows = sample_row_indices(n, pca_sample, seed)
+        pca = fit_pca(features if rows is None else features[rows], pca_dim)
+    z = apply_pca(features, pca)
+    rows = training_row_indices(n, k, max_points_per_centroid, seed)
+    km = train_kmeans(z if rows is None else z[rows], k, niter, seed, gpu=gpu)
+    labels, dists = assign(z, km.centroids, gpu=gpu)
+    return ClusteringResult(labels=labels, centroids=km.centroids, objective=km.objective,
+                            assignment_objective=float(dists.mean(dtype=np.float64)),
+                            stats=cluster_stats(labels, k), n_train=km.n_train)
+

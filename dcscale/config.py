@@ -1,0 +1,381 @@
+"""The run configuration: typed dataclasses, YAML loading, `key.sub=value` overrides, validation.
+
+`load_config(path, overrides)` returns a validated `Config` or raises `ConfigError` with one line
+that names the key, the file and what is allowed. `dump_config(cfg)` writes YAML that
+`load_config` reads back to the same `Config`, so a run directory's `config.yaml` reproduces it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dcscale.errors import ConfigError
+
+ARCHS = ("lenet5", "alexnet", "alexnet_small", "vgg16_bn", "resnet50")
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None  # training shard set (directory with manifest.json)
+    test: str | None = None  # optional labelled evaluation shard set (k-NN monitor, probes)
+    image_size: int | None = None  # network input side; null: the shard set's image side
+    resize: int | None = None  # resize before the centre crop at extraction; null: image_size
+    workers: int = 2  # DataLoader workers per rank (extraction and training)
+    extract_batch_size: int = 256  # images per forward pass at extraction, per rank
+    mean: list[float] | None = None  # per-channel normalisation; null: 0.5 (grey) or ImageNet
+    std: list[float] | None = None
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "lenet5"
+    sobel: bool = False  # fixed grayscale + Sobel front (2 channels, not trained)
+    batch_norm: bool = True
+    init: str | None = None  # a .pt whose "model" weights start the body (e.g. `dcscale ia --select-seed`)
+
+
+@dataclass
+class ClusterConfig:
+    k: int = 10
+    pca_dim: int | None = 256  # null switches PCA off (rows are still L2-normalised)
+    pca_sample: int | None = 100_000  # rows (over all ranks) the PCA is fitted on; null: all
+    niter: int = 20
+    max_points_per_centroid: int | None = None  # null: train k-means on every point (original)
+    halt_after: int | None = None  # early clustering stop: from this cycle on, keep the labels
+    reinit_head_after_halt: bool = True
+    feature_dtype: Literal["float32", "float16"] = "float32"
+    wait_timeout_min: float = 180.0  # how long other ranks wait for rank 0's k-means
+
+
+@dataclass
+class TrainConfig:
+    cycles: int = 10
+    epochs_per_cycle: int = 1
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    batch_size: int = 64  # per rank
+    augment: Literal["imagenet", "small", "none"] = "imagenet"  # small: the paper's 32x32 setting
+    crop_scale_min: float = 0.08  # lower bound of RandomResizedCrop's area ("imagenet")
+    hflip: bool = True
+
+
+@dataclass
+class EvalConfig:
+    knn_every: int | None = None  # k-NN monitor on data.test every this many cycles
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    probe_epochs: int = 20
+    probe_lr: float = 0.01
+    probe_weight_decay: float = 5e-4
+    probe_batch_size: int = 256
+    probe_pool_dim: int = 9600  # conv activations are average-pooled to about this many dims
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl when CUDA is available
+    timeout_min: float = 30.0  # ordinary collectives (k-means waits use cluster.wait_timeout_min)
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/default"
+    log_every_steps: int = 50
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int | None = None  # mid-epoch checkpoints; one is always written at cycle end
+    keep_last: int = 2  # periodic checkpoints kept besides last.pt
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    resume: str | None = None  # "auto" (newest checkpoint in output.dir) or a checkpoint path
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# Range checks: key -> (predicate, what is allowed). Applied after types are checked.
+_POSITIVE = (lambda v: v > 0, "a number > 0")
+_NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
+_CHECKS: dict[str, tuple[Any, str]] = {
+    "data.image_size": _POSITIVE,
+    "data.resize": _POSITIVE,
+    "data.workers": _NON_NEGATIVE,
+    "data.extract_batch_size": _POSITIVE,
+    "model.arch": (lambda v: v in ARCHS, "one of " + ", ".join(ARCHS)),
+    "cluster.k": (lambda v: v >= 2, "an integer >= 2"),
+    "cluster.pca_dim": _POSITIVE,
+    "cluster.pca_sample": _POSITIVE,
+    "cluster.niter": _POSITIVE,
+    "cluster.max_points_per_centroid": _POSITIVE,
+    "cluster.halt_after": (lambda v: v >= 1, "an integer >= 1 (cycle 0 always clusters), or null"),
+    "cluster.wait_timeout_min": _POSITIVE,
+    "train.cycles": _POSITIVE,
+    "train.epochs_per_cycle": _POSITIVE,
+    "train.lr": _POSITIVE,
+    "train.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "train.weight_decay": _NON_NEGATIVE,
+    "train.batch_size": _POSITIVE,
+    "train.crop_scale_min": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "eval.knn_every": _POSITIVE,
+    "eval.knn_k": _POSITIVE,
+    "eval.knn_temperature": _POSITIVE,
+    "eval.probe_epochs": _POSITIVE,
+    "eval.probe_lr": _POSITIVE,
+    "eval.probe_weight_decay": _NON_NEGATIVE,
+    "eval.probe_batch_size": _POSITIVE,
+    "eval.probe_pool_dim": _POSITIVE,
+    "dist.timeout_min": _POSITIVE,
+    "output.log_every_steps": _POSITIVE,
+    "checkpoint.every_steps": _POSITIVE,
+    "checkpoint.keep_last": _NON_NEGATIVE,
+    "resume": (lambda v: v == "auto" or Path(v).suffix == ".pt", "'auto' or a path to a .pt checkpoint"),
+}
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _type_hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        parts = [_describe(a) for a in typing.get_args(tp)]
+        return " or ".join(p for p in parts)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return f"a list of {_describe(inner)}"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string",
+            type(None): "null"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp, key: str, source: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming the key and what is allowed."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key} = {value!r} in {source}: expected {_describe(tp)}")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise bad
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_coerce(v, inner, key, source) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise bad
+
+
+def _unknown_key(key: str, valid: list[str], source: str) -> ConfigError:
+    leaf = key.rsplit(".", 1)[-1]
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:
+        close = [v for v in valid if v.startswith(prefix) and v.endswith(leaf)][:1]
+    if not close:
+        close = difflib.get_close_matches(leaf, [v.rsplit(".", 1)[-1] for v in valid], n=1)
+        close = [v for v in valid if close and v.rsplit(".", 1)[-1] == close[0]][:1]
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}' in {source}{hint}")
+
+
+def all_keys(cls=Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the schema, e.g. 'cluster.k'."""
+    keys = []
+    hints = _type_hints(cls)
+    for name in _fields(cls):
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            keys.extend(all_keys(tp, f"{prefix}{name}."))
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _build(cls, raw: dict, source: str, prefix: str = "", from_cli: frozenset = frozenset()):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} in {source}: expected a mapping, got {raw!r}")
+    hints = _type_hints(cls)
+    fields = _fields(cls)
+    kwargs = {}
+    for name, value in raw.items():
+        key = prefix + str(name)
+        if name not in fields:
+            raise _unknown_key(key, all_keys(), source)
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, source, key + ".", from_cli)
+        else:
+            kwargs[name] = _coerce(value, tp, key, "the command line" if key in from_cli else source)
+    return cls(**kwargs)
+
+
+def _check_ranges(cfg: Config, source: str, from_cli: frozenset = frozenset()) -> None:
+    for key, (ok, allowed) in _CHECKS.items():
+        value = get_key(cfg, key)
+        if value is None:
+            continue
+        if not ok(value):
+            where = "the command line" if key in from_cli else source
+            raise ConfigError(f"{key} = {value!r} in {where}: expected {allowed}")
+    if cfg.data.mean is not None and cfg.data.std is not None and len(cfg.data.mean) != len(cfg.data.std):
+        raise ConfigError(f"data.mean and data.std in {source}: expected lists of the same length")
+    if cfg.data.std is not None and any(s <= 0 for s in cfg.data.std):
+        raise ConfigError(f"data.std = {cfg.data.std!r} in {source}: expected numbers > 0")
+
+
+def get_key(cfg: Any, key: str) -> Any:
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'cluster.k=500' -> ('cluster.k', 500); the value is parsed as YAML (null, true, 0.05, [1,2])."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key=value, e.g. cluster.k=500")
+    key, _, value = text.partition("=")
+    key = key.strip()
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key, parsed
+
+
+def _set_nested(raw: dict, key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise _unknown_key(key, all_keys(), source)
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = (), source: str = "config") -> Config:
+    raw = dict(raw or {})
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    from_cli = set()
+    for text in overrides:
+        key, value = parse_override(text)
+        if key not in all_keys():
+            raise _unknown_key(key, all_keys(), "the command line")
+        _set_nested(raw, key, value, "the command line")
+        from_cli.add(key)
+    cfg = _build(Config, raw, source, from_cli=frozenset(from_cli))
+    _check_ranges(cfg, source, frozenset(from_cli))
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load, override and validate a config; raise ConfigError with one clear line on bad input."""
+    raw: dict = {}
+    source = "the command line"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            raise ConfigError(f"{path}{where}: not valid YAML") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+    return config_from_dict(raw, overrides, source)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config atomically (the run directory's config.yaml)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(dump_config(cfg))
+    tmp.replace(path)
+
+
+# ---- `dcscale config FILE [key=value ...]` ---------------------------------------------------
+
+def add_arguments(parser) -> None:
+    parser.add_argument("config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+
+
+def run(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    print(dump_config(cfg), end="")
+    return 0

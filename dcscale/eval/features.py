@@ -1,0 +1,151 @@
+"""Shared by the probe and IA tools: load or build a network, its eval transform, pooled layer features.
+
+A probe layer's activation [B, C, H, W] is average-pooled to s x s with C*s*s close to `pool_dim`
+(the original AlexNet protocol pools conv1..conv5 to about 9k dimensions: 96x10x10, 256x6x6,
+384x5x5, ...), then flattened. Maps already small enough are kept as they are. Vector activations
+([B, D]) are used as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dcscale.config import Config, config_from_dict
+from dcscale.errors import DcscaleError
+
+PIXELS = "pixels"  # pseudo-layer: the normalised input image itself (no network)
+FEATURES = "features"  # pseudo-layer: what is clustered (the body's output)
+
+
+def pool_size(channels: int, side: int, pool_dim: int) -> int:
+    """Side s of the pooled map so that channels * s * s is about pool_dim (never above `side`)."""
+    return max(1, min(side, int(round(math.sqrt(pool_dim / channels)))))
+
+
+def pool_flatten(act: torch.Tensor, pool_dim: int) -> torch.Tensor:
+    """[B, C, H, W] -> adaptive average pool to about pool_dim values -> [B, D]; [B, D] unchanged."""
+    if act.dim() == 4:
+        b, c, h, w = act.shape
+        s = pool_size(c, min(h, w), pool_dim)
+        if (h, w) != (s, s):
+            act = F.adaptive_avg_pool2d(act, s)
+    return act.reshape(act.shape[0], -1)
+
+
+def layer_fn(model, layer: str, pool_dim: int):
+    """batch -> [B, D] pooled features of one layer (or of the input, for 'pixels')."""
+    if layer == PIXELS:
+        return lambda x: pool_flatten(x, pool_dim)
+    if layer == FEATURES:
+        return model.features
+    return lambda x: pool_flatten(model.layer_activations(x, [layer])[layer], pool_dim)
+
+
+def resolve_layers(spec: str, model) -> list[str]:
+    """'all' -> every probe layer of the model; 'a,b' -> [a, b] (checked against the model)."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise DcscaleError("--layer: give a layer name, 'all' or 'pixels'")
+    available = model.probe_layers() if model is not None else []
+    out: list[str] = []
+    for name in names:
+        if name == "all":
+            if model is None:
+                raise DcscaleError("--layer all needs a network: give --checkpoint or --random-init --config")
+            out += available
+        elif name == PIXELS:
+            out.append(name)
+        elif model is None:
+            raise DcscaleError(f"--layer {name} needs a network: give --checkpoint or --random-init --config")
+        elif name != FEATURES and name not in available:
+            raise DcscaleError(f"unknown layer '{name}' for {model.arch}; available: "
+                               f"{', '.join(available + [FEATURES, PIXELS, 'all'])}")
+        else:
+            out.append(name)
+    return list(dict.fromkeys(out))
+
+
+def load_checkpoint_model(path: str | Path, device: torch.device):
+    """(model in eval mode on device, Config, image_shape [C,H,W]) from a checkpoint-format .pt file.
+
+    The K-way head is not needed for features; it is rebuilt at the checkpoint's size so the whole
+    state dict loads strictly.
+    """
+    from dcscale.models import build_model_from_config
+    from dcscale.train.checkpoint import load_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise DcscaleError(f"checkpoint not found: {path}")
+    ckpt = load_checkpoint(path)
+    for key in ("model", "config", "image_shape"):
+        if key not in ckpt:
+            raise DcscaleError(f"{path}: not a dcscale checkpoint (no '{key}' entry)")
+    cfg = config_from_dict(ckpt["config"], source=str(path))
+    c, h, _ = [int(v) for v in ckpt["image_shape"]]
+    model = build_model_from_config(cfg, in_channels=c, image_size=h)
+    state = ckpt["model"]
+    if "head.weight" in state:
+        model.reset_head(state["head.weight"].shape[0])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise DcscaleError(f"{path}: weights do not fit {cfg.model.arch}: {str(err).splitlines()[0]}") from None
+    return model.to(device).eval(), cfg, [c, h, h]
+
+
+def random_init_model(cfg: Config, in_channels: int, image_size: int, seed: int, device: torch.device):
+    """A freshly initialised network of cfg.model, reproducible from `seed` (CPU RNG, then moved)."""
+    from dcscale.models import build_model_from_config
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = build_model_from_config(cfg, in_channels=in_channels, image_size=image_size)
+    finally:
+        torch.random.set_rng_state(state)
+    return model.to(device).eval()
+
+
+def input_shape(cfg: Config | None, shardset) -> tuple[int, int]:
+    """(channels, network input side) for a shard set under a config (data.image_size or the images')."""
+    channels = shardset.channels
+    size = cfg.data.image_size if cfg is not None and cfg.data.image_size else shardset.image_size
+    if channels is None or size is None:
+        raise DcscaleError(f"{shardset.root}: images differ in size; set data.image_size in the config")
+    return int(channels), int(size)
+
+
+def eval_transform_for(cfg: Config | None, channels: int, image_size: int):
+    from dcscale.data.transforms import eval_transform
+
+    if cfg is None:
+        return eval_transform(image_size, channels)
+    return eval_transform(image_size, channels, resize=cfg.data.resize, mean=cfg.data.mean, std=cfg.data.std)
+
+
+def extract_labelled(fn, shardset, transform, env, batch_size: int, workers: int):
+    """Every rank extracts its slice; rank 0 gets (features float32 [n, D], labels int64 [n]) in
+    global-index order, unlabelled and undecodable samples dropped. Other ranks get (None, None)."""
+    from dcscale import dist
+    from dcscale.train.phases import extract_features
+
+    gt = shardset.labels()
+    if gt is None:
+        raise DcscaleError(f"{shardset.root}: the shard set has no labels")
+    indices, feats, _ = extract_features(fn, shardset, transform, env, batch_size, workers, "float32")
+    all_idx = dist.gather_rows_to_main(indices)
+    dim = feats.shape[1] if len(indices) else 0
+    dim = max(dist.all_gather_rows(np.array([dim], np.int64)))
+    feats = feats.reshape(len(indices), dim) if len(indices) else np.zeros((0, dim), np.float32)
+    all_feats = dist.gather_rows_to_main(np.ascontiguousarray(feats, dtype=np.float32))
+    if all_idx is None:
+        return None, None
+    labels = gt[all_idx].astype(np.int64)
+    keep = labels >= 0
+    return all_feats[keep], labels[keep]

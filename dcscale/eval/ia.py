@@ -1,0 +1,261 @@
+"""`dcscale ia`: Initial Alignment (IA) distributions over one hyperparameter (Deep Dive, section 4.3).
+
+IA is the NMI between the ground-truth labels and the pseudo-labels of cycle 0: a randomly
+initialised network, feature extraction, PCA + whitening + L2, k-means, assignment. The paper shows
+that the value of a hyperparameter with the highest IA tends to give the best final accuracy, and
+that among random initialisations a higher IA gives a higher final accuracy.
+
+    dcscale ia --config configs/digits_demo.yaml --vary cluster.k=10,50,100 --seeds 20 --out runs/ia_k
+
+For every value and every seed s (network init seed = config seed + s) one cycle-0 clustering runs,
+with extraction sharded over ranks under torchrun. A value that changes neither the network nor the
+data (cluster.*) reuses the seed's features. Output in DIR: ia.json (every sample, each value's
+median and interquartile range, the recommendation), ia_boxplot.png, tb/ (TensorBoard histograms),
+and with --select-seed best_init.pt (the best initialisation of the recommended value).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dcscale.config import Config, all_keys, config_to_dict, load_config, parse_override
+from dcscale.errors import ConfigError, DataError, DcscaleError
+from dcscale.eval import features as ft
+
+VARY_EXAMPLES = "cluster.k=10,50,100,500, cluster.pca_dim=..., model.arch=..., model.sobel=..."
+
+
+def parse_vary(spec: str) -> tuple[str, list]:
+    """'cluster.k=10,50' -> ('cluster.k', [10, 50]); values parsed as YAML (null, true, 0.5)."""
+    if "=" not in spec:
+        raise ConfigError(f"--vary '{spec}': expected KEY=V1,V2,..., e.g. {VARY_EXAMPLES}")
+    key, _, values = spec.partition("=")
+    key = key.strip()
+    if key not in all_keys():
+        raise ConfigError(f"--vary '{spec}': unknown config key '{key}'")
+    parsed = [parse_override(f"{key}={v.strip()}")[1] for v in values.split(",") if v.strip()]
+    if not parsed:
+        raise ConfigError(f"--vary '{spec}': no values")
+    return key, parsed
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def alignment(gt: np.ndarray, pseudo: np.ndarray) -> float:
+    """IA: NMI between ground truth and pseudo-labels; entries where either is -1 are ignored."""
+    from dcscale.cluster.metrics import initial_alignment
+
+    return float(initial_alignment(gt, pseudo))
+
+
+def summarise(values: list[float]) -> dict:
+    a = np.asarray(values, dtype=np.float64)
+    q1, med, q3 = np.percentile(a, [25, 50, 75])
+    return {"n": int(a.size), "median": float(med), "q1": float(q1), "q3": float(q3), "iqr": float(q3 - q1),
+            "mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}
+
+
+def recommend(summary: dict[str, dict]) -> str:
+    """The value (as formatted) with the highest median IA; ties go to the higher q1, then the first."""
+    return max(summary, key=lambda v: (summary[v]["median"], summary[v]["q1"]))
+
+
+def _feature_key(cfg: Config, seed: int) -> str:
+    """What a seed's features depend on: the network and the data, not the clustering."""
+    return f"{cfg.model}|{cfg.data}|{seed}"
+
+
+def cycle0_labels(cfg: Config, feats: np.ndarray, indices: np.ndarray, n_total: int) -> tuple[np.ndarray, float]:
+    """PCA + whitening + L2, k-means, assignment, exactly as cycle 0 of training (collective)."""
+    from dcscale.cluster.kmeans import cycle_seed
+    from dcscale.train.phases import assign_labels, cluster_rows, reduce_features
+
+    seed = cycle_seed(cfg.seed, 0)
+    z, _ = reduce_features(indices, feats, n_total, cfg.cluster.pca_dim, cfg.cluster.pca_sample, seed)
+    centroids, objective = cluster_rows(indices, z, n_total, cfg.cluster.k, cfg.cluster.niter,
+                                        cfg.cluster.max_points_per_centroid, seed)
+    labels = assign_labels(indices, z, centroids, n_total)
+    return labels, objective
+
+
+def sample_ia(base: Config, key: str, values: list, seeds: int, env, shardset, log=print,
+              keep_best: bool = False, labels_dir: Path | None = None) -> tuple[list[dict], dict]:
+    """Every (value, seed) sample's IA; with keep_best, the best init's weights per value.
+
+    Returns (samples, best) where best[value] = {"ia", "seed", "state", "config", "image_shape"}.
+    """
+    from dcscale.train.phases import extract_features
+
+    gt = shardset.labels()
+    n_total = len(shardset)
+    samples: list[dict] = []
+    best: dict[str, dict] = {}
+    for s in range(seeds):
+        cached_key, cached = None, None
+        for value in values:
+            cfg = _with(base, key, value, seed=base.seed + s)
+            channels, size = ft.input_shape(cfg, shardset)
+            t0 = time.perf_counter()
+            model = ft.random_init_model(cfg, channels, size, cfg.seed, env.device)
+            if _feature_key(cfg, cfg.seed) != cached_key:
+                transform = ft.eval_transform_for(cfg, channels, size)
+                indices, feats, _ = extract_features(model.features, shardset, transform, env,
+                                                     cfg.data.extract_batch_size, cfg.data.workers,
+                                                     cfg.cluster.feature_dtype)
+                cached_key, cached = _feature_key(cfg, cfg.seed), (indices, feats)
+            indices, feats = cached
+            t1 = time.perf_counter()
+            labels, objective = cycle0_labels(cfg, feats, indices, n_total)
+            ia = alignment(gt, labels)
+            counts = np.bincount(labels[labels >= 0], minlength=cfg.cluster.k)
+            sample = {"value": value, "seed": cfg.seed, "ia": ia, "objective": objective,
+                      "empty_clusters": int((counts == 0).sum()),
+                      "t_extract": round(t1 - t0, 3), "t_cluster": round(time.perf_counter() - t1, 3)}
+            samples.append(sample)
+            log(f"ia {key}={_fmt(value)} seed {cfg.seed}: IA {ia:.4f} "
+                f"(empty {sample['empty_clusters']}, {sample['t_extract']:.1f}+{sample['t_cluster']:.1f} s)")
+            if labels_dir is not None and env.is_main:
+                labels_dir.mkdir(parents=True, exist_ok=True)
+                np.save(labels_dir / f"{key}={_fmt(value)}_seed{cfg.seed}.npy", labels)
+            name = _fmt(value)
+            if keep_best and (name not in best or ia > best[name]["ia"]):
+                best[name] = {"ia": ia, "seed": cfg.seed, "value": value, "config": config_to_dict(cfg),
+                              "image_shape": [channels, size, size],
+                              "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+    return samples, best
+
+
+def _with(base: Config, key: str, value, seed: int) -> Config:
+    from dcscale.config import config_from_dict
+
+    raw = config_to_dict(base)
+    return config_from_dict(raw, [f"{key}={_fmt(value)}", f"seed={seed}"], source="--vary")
+
+
+# ---- outputs -------------------------------------------------------------------------------------
+
+def write_boxplot(key: str, values: list, samples: list[dict], recommended: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [_fmt(v) for v in values]
+    data = [[s["ia"] for s in samples if _fmt(s["value"]) == n] for n in names]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) + 2), 4))
+    ax.boxplot(data, showfliers=True)
+    ax.set_xticks(range(1, len(names) + 1), names)
+    rng = np.random.default_rng(0)
+    for i, d in enumerate(data, 1):  # the samples themselves, jittered
+        ax.scatter(i + rng.uniform(-0.12, 0.12, len(d)), d, s=10, alpha=0.5, color="tab:blue", zorder=3)
+    best = names.index(recommended)
+    ax.get_xticklabels()[best].set_fontweight("bold")
+    ax.set_xlabel(key)
+    ax.set_ylabel("Initial Alignment (NMI with ground truth)")
+    ax.set_title(f"IA over {len(data[0])} random inits; highest median: {key}={recommended}")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_tensorboard(key: str, values: list, samples: list[dict], out: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out / "tb"))
+    for step, value in enumerate(values):
+        ias = np.array([s["ia"] for s in samples if _fmt(s["value"]) == _fmt(value)])
+        writer.add_histogram(f"ia/{key}={_fmt(value)}", ias, 0)
+        writer.add_histogram("ia/by_value", ias, step)  # one tag, step = index of the value
+        writer.add_scalar("ia_median", float(np.median(ias)), step)
+    writer.add_text("ia/values", ", ".join(f"{i}: {key}={_fmt(v)}" for i, v in enumerate(values)))
+    writer.close()
+
+
+def save_best_init(best: dict, path: Path) -> None:
+    """A checkpoint-format file: {'model', 'config', 'image_shape', 'ia', 'seed'} (no optimizer)."""
+    from dcscale.train.checkpoint import atomic_torch_save
+
+    atomic_torch_save({"model": best["state"], "config": best["config"], "image_shape": best["image_shape"],
+                       "ia": best["ia"], "seed": best["seed"], "cycle": 0, "step": 0,
+                       "k": best["config"]["cluster"]["k"]}, path)
+
+
+# ---- `dcscale ia` ---------------------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config (data.train must have labels)")
+    parser.add_argument("--vary", required=True, metavar="KEY=V1,V2,...", help=f"e.g. {VARY_EXAMPLES}")
+    parser.add_argument("--seeds", type=int, default=10, help="random initialisations per value")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--select-seed", action="store_true",
+                        help="save the best initialisation of the recommended value as OUT/best_init.pt "
+                             "and print the command that trains from it")
+    parser.add_argument("--save-labels", action="store_true", help="also write every sample's pseudo-labels")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+
+
+def run(args) -> int:
+    from dcscale import dist
+    from dcscale.data.shardset import ShardSet
+
+    base = load_config(args.config, args.overrides)
+    key, values = parse_vary(args.vary)
+    if args.seeds < 1:
+        raise ConfigError("--seeds must be >= 1")
+    for value in values:  # every value must make a valid config before anything runs
+        _with(base, key, value, base.seed)
+    if base.data.train is None:
+        raise ConfigError(f"data.train is not set in {args.config}")
+    env = dist.init_distributed(base.dist.backend, base.dist.timeout_min, base.cluster.wait_timeout_min)
+    try:
+        shardset = ShardSet(base.data.train)
+        if not shardset.manifest.has_labels:
+            raise DataError(f"{shardset.root}: IA needs ground-truth labels and this shard set has none")
+        out = Path(args.out)
+        log = print if env.is_main else (lambda *_: None)
+        samples, best = sample_ia(base, key, values, args.seeds, env, shardset, log=log,
+                                  keep_best=args.select_seed,
+                                  labels_dir=out / "labels" if args.save_labels else None)
+        if not env.is_main:
+            return 0
+        out.mkdir(parents=True, exist_ok=True)
+        summary = {_fmt(v): summarise([s["ia"] for s in samples if _fmt(s["value"]) == _fmt(v)]) for v in values}
+        chosen = recommend(summary)
+        result = {"key": key, "values": values, "seeds": args.seeds, "config": str(args.config),
+                  "overrides": list(args.overrides), "train": str(shardset.root), "n_images": len(shardset),
+                  "world_size": env.world_size, "samples": samples, "summary": summary,
+                  "recommendation": {"key": key, "value": next(v for v in values if _fmt(v) == chosen),
+                                     "median_ia": summary[chosen]["median"]}}
+        write_boxplot(key, values, samples, chosen, out / "ia_boxplot.png")
+        write_tensorboard(key, values, samples, out)
+        for name in summary:
+            s = summary[name]
+            print(f"ia {key}={name}: median {s['median']:.4f} IQR [{s['q1']:.4f}, {s['q3']:.4f}] (n={s['n']})")
+        if args.select_seed:
+            pick = best[chosen]
+            save_best_init(pick, out / "best_init.pt")
+            result["best_init"] = {"path": str(out / "best_init.pt"), "seed": pick["seed"], "ia": pick["ia"],
+                                   "value": pick["value"]}
+            cmd = (f"dcscale train --config {args.config} {' '.join(args.overrides)} {key}={chosen} "
+                   f"model.init={out / 'best_init.pt'}").replace("  ", " ")
+            result["best_init"]["train_command"] = cmd
+            print(f"ia: best init of {key}={chosen}: seed {pick['seed']} IA {pick['ia']:.4f}, saved "
+                  f"{out / 'best_init.pt'}; train from it with:\n  {cmd}")
+        (out / "ia.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(f"ia: {len(samples)} samples; recommended {key}={chosen} (median IA "
+              f"{summary[chosen]['median']:.4f}); wrote {out / 'ia.json'}, {out / 'ia_boxplot.png'}")
+        return 0
+    finally:
+        dist.shutdown()

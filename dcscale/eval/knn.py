@@ -1,0 +1,137 @@
+"""Weighted k-NN accuracy (as in InstDisc / DINO) and the k-NN monitor of a training run.
+
+Votes: each test row's k nearest training rows by cosine similarity vote for their class with
+weight exp(sim / T). The monitor keeps the memory bank distributed: every rank scores all test rows
+against its own slice of the training rows, only the k best (similarity, label) pairs per test row
+travel to rank 0, which merges them and votes. Nothing of size N_train x D sits on one host.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dcscale import dist
+
+_CHUNK = 1024  # test rows per similarity block: keeps the [chunk, N_train] matrix small
+
+
+def _as_tensor(x, dtype=None) -> torch.Tensor:
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    return t.to(dtype) if dtype is not None else t
+
+
+def nearest_neighbours(test_feats, train_feats, train_labels, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k cosine similarities [n_test, k] and the neighbours' labels [n_test, k].
+
+    Fewer than k training rows: the missing columns get similarity -inf and label -1 (no vote).
+    """
+    test = F.normalize(_as_tensor(test_feats, torch.float32), dim=1)
+    train = F.normalize(_as_tensor(train_feats, torch.float32), dim=1)
+    labels = _as_tensor(train_labels, torch.int64)
+    n_test, kk = test.shape[0], min(k, train.shape[0])
+    sims = torch.full((n_test, k), float("-inf"))
+    nbr_labels = torch.full((n_test, k), -1, dtype=torch.int64)
+    if kk == 0:
+        return sims, nbr_labels
+    for start in range(0, n_test, _CHUNK):
+        block = test[start:start + _CHUNK] @ train.T
+        top, idx = block.topk(kk, dim=1)
+        sims[start:start + _CHUNK, :kk] = top
+        nbr_labels[start:start + _CHUNK, :kk] = labels[idx]
+    return sims, nbr_labels
+
+
+def vote(sims: torch.Tensor, nbr_labels: torch.Tensor, temperature: float, num_classes: int) -> torch.Tensor:
+    """Predicted class per row from neighbours' (similarity, label): sum of exp(sim/T) per class."""
+    weights = torch.exp(sims / temperature)  # exp(-inf) = 0: padding columns do not vote
+    valid = nbr_labels >= 0
+    weights = torch.where(valid, weights, torch.zeros_like(weights))
+    scores = torch.zeros(sims.shape[0], num_classes, dtype=weights.dtype)
+    scores.scatter_add_(1, nbr_labels.clamp(min=0), weights)
+    return scores.argmax(dim=1)
+
+
+def merge_topk(sims: torch.Tensor, nbr_labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the k best columns of per-rank candidates concatenated along dim 1."""
+    top, idx = sims.topk(min(k, sims.shape[1]), dim=1)
+    return top, nbr_labels.gather(1, idx)
+
+
+def _drop_unlabelled(feats, labels):
+    labels = _as_tensor(labels, torch.int64)
+    keep = labels >= 0
+    return _as_tensor(feats)[keep], labels[keep]
+
+
+def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k: int = 20, temperature: float = 0.07,
+                 num_classes: int | None = None) -> float:
+    """Top-1 accuracy of weighted k-NN (cosine similarity, exp(sim/T) votes); label -1 rows ignored."""
+    train_feats, train_labels = _drop_unlabelled(train_feats, train_labels)
+    test_feats, test_labels = _drop_unlabelled(test_feats, test_labels)
+    if len(test_labels) == 0:
+        return float("nan")
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(initial=0) if len(train_labels) else 0, test_labels.max())) + 1
+    sims, nbr = nearest_neighbours(test_feats, train_feats, train_labels, k)
+    pred = vote(sims, nbr, temperature, num_classes)
+    return float((pred == test_labels).double().mean())
+
+
+def _features_fn(model):
+    body = model.module if hasattr(model, "module") else model  # DDP-wrapped or not
+    return body.features
+
+
+@torch.no_grad()
+def knn_monitor(model, train_shardset, test_shardset, transform, env, cfg) -> float:
+    """Weighted k-NN top-1 of the model's features: data.train as memory bank, data.test as queries.
+
+    Collective: every rank must call it. Returns the same value on every rank (NaN without labels).
+    """
+    from dcscale.train.phases import extract_features
+
+    train_gt, test_gt = train_shardset.labels(), test_shardset.labels()
+    if train_gt is None or test_gt is None:
+        return float("nan")
+    net = model.module if hasattr(model, "module") else model
+    was_training = net.training
+    net.eval()
+    try:
+        fn = _features_fn(model)
+        kwargs = dict(env=env, batch_size=cfg.data.extract_batch_size, workers=cfg.data.workers,
+                      dtype=cfg.cluster.feature_dtype)
+        tr_idx, tr_feats, _ = extract_features(fn, train_shardset, transform, **kwargs)
+        te_idx, te_feats, _ = extract_features(fn, test_shardset, transform, **kwargs)
+    finally:
+        net.train(was_training)
+    dim = max(tr_feats.shape[1] if tr_feats.size else 0, te_feats.shape[1] if te_feats.size else 0)
+    dim = dist.broadcast_object(dim) if env.world_size > 1 else dim
+
+    # Every rank needs every query row; the memory bank stays where it was extracted.
+    te_feats = te_feats.reshape(len(te_idx), dim) if len(te_idx) else np.zeros((0, dim), te_feats.dtype)
+    all_te_idx = dist.all_gather_rows(te_idx)
+    all_te_feats = dist.all_gather_rows(te_feats)
+    tr_labels = train_gt[tr_idx] if len(tr_idx) else np.zeros(0, np.int64)
+    keep = tr_labels >= 0
+    tr_feats = tr_feats.reshape(len(tr_idx), dim) if len(tr_idx) else np.zeros((0, dim), np.float32)
+    sims, nbr = nearest_neighbours(all_te_feats, tr_feats[keep], tr_labels[keep], cfg.eval.knn_k)
+
+    # Rank 0 merges every rank's k candidates per query: [W * n_test, k] -> [n_test, W * k].
+    cand = np.concatenate([sims.numpy().astype(np.float32), nbr.numpy().astype(np.float32)], axis=1)
+    gathered = dist.gather_rows_to_main(cand)
+    result = float("nan")
+    if gathered is not None:
+        n_test, k = len(all_te_idx), cfg.eval.knn_k
+        per_rank = torch.from_numpy(gathered).reshape(-1, n_test, 2 * k)
+        all_sims = per_rank[:, :, :k].permute(1, 0, 2).reshape(n_test, -1)
+        all_nbr = per_rank[:, :, k:].permute(1, 0, 2).reshape(n_test, -1).to(torch.int64)
+        sims, nbr = merge_topk(all_sims, all_nbr, k)
+        truth = torch.from_numpy(test_gt[all_te_idx].astype(np.int64))
+        labelled = truth >= 0
+        num_classes = int(max(train_gt.max(initial=0), test_gt.max(initial=0))) + 1
+        if labelled.any():
+            pred = vote(sims, nbr, cfg.eval.knn_temperature, num_classes)
+            result = float((pred[labelled] == truth[labelled]).double().mean())
+    return float(dist.broadcast_object(result)) if env.world_size > 1 else result

@@ -1,0 +1,369 @@
+"""The DeepCluster training run: `train(cfg)` reads top to bottom, one cycle at a time.
+
+    for each cycle:
+        extract -> reduce -> cluster -> assign   (skipped from cluster.halt_after on)
+        fresh head -> train (uniform over clusters, DDP) -> log -> checkpoint
+
+Exact resume: a checkpoint holds everything the rest of the run depends on (weights, optimizer
+state, labels, the position inside the epoch, the RNG state, running loss totals), and every random
+choice is derived from (seed, cycle, epoch, draw position), so a killed and resumed run repeats the
+uninterrupted run's labels and losses.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from dcscale import dist
+from dcscale.cluster.kmeans import cycle_seed
+from dcscale.cluster.metrics import cluster_stats, nmi
+from dcscale.config import Config, config_to_dict, save_config
+from dcscale.data.loaders import ClusterTrainDataset, collate_skip_none
+from dcscale.data.sampler import UniformClusterSampler
+from dcscale.data.shardset import ShardSet
+from dcscale.data.transforms import eval_transform, train_transform
+from dcscale.errors import DcscaleError
+from dcscale.models import build_model_from_config
+from dcscale.train import phases
+from dcscale.train.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from dcscale.train.logging import MetricsLogger, console_line
+
+log = logging.getLogger("dcscale")
+
+
+@dataclass
+class RunState:
+    """Where the run stands; everything in here goes into a checkpoint."""
+
+    cycle: int = 0
+    epoch: int = 0
+    step: int = 0  # optimizer steps done in the current epoch
+    clustered_this_cycle: bool = False  # labels for `cycle` are ready (resuming mid-training)
+    labels: np.ndarray | None = None
+    prev_labels: np.ndarray | None = None
+    cycle_metrics: dict = field(default_factory=dict)  # filled as the cycle's phases run
+    totals: dict = field(default_factory=lambda: {"loss_sum": 0.0, "correct": 0, "seen": 0})
+    skipped_images: int = 0
+
+
+def train(cfg: Config) -> dict:
+    env = dist.init_distributed(cfg.dist.backend, cfg.dist.timeout_min, cfg.cluster.wait_timeout_min)
+    run_dir = Path(cfg.output.dir)
+    shards = ShardSet(cfg.data.train)
+    channels, image_size = input_shape(shards, cfg)
+    gt_labels = shards.labels() if shards.manifest.has_labels else None
+    eval_tf = eval_transform(image_size, channels, resize=cfg.data.resize, mean=cfg.data.mean, std=cfg.data.std)
+    train_tf = train_transform(image_size, channels, cfg.train.augment, cfg.train.crop_scale_min,
+                               cfg.train.hflip, mean=cfg.data.mean, std=cfg.data.std)
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and at every world size
+    model = build_model_from_config(cfg, in_channels=channels, image_size=image_size).to(env.device)
+    if cfg.model.init:
+        load_initial_weights(model, cfg.model.init)
+    body_opt = torch.optim.SGD(model.body_parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
+                               weight_decay=cfg.train.weight_decay)
+    head_opt = None
+
+    state = RunState()
+    resume_path = find_resume_checkpoint(cfg.resume, run_dir)
+    if resume_path is not None:
+        state, head_opt = restore(resume_path, model, body_opt, cfg)
+    logger = None
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        logger = MetricsLogger(run_dir, resume_cycle=state.cycle)
+        where = f"resuming from {resume_path} at cycle {state.cycle} step {state.step}" if resume_path else "fresh run"
+        print(f"dcscale train: {len(shards)} images, {cfg.model.arch}, K={cfg.cluster.k}, "
+              f"{env.world_size} process(es), {where}; run dir {run_dir}", flush=True)
+
+    history = []
+    while state.cycle < cfg.train.cycles:
+        cycle = state.cycle
+        t_cycle = time.perf_counter()
+        clustering = cfg.cluster.halt_after is None or cycle < cfg.cluster.halt_after or state.labels is None
+        if not state.clustered_this_cycle:
+            state.cycle_metrics = {"cycle": cycle, "clustered": clustering}
+            if clustering:
+                new_labels, skipped, cluster_metrics = cluster_cycle(model, shards, eval_tf, env, cfg, cycle)
+                state.prev_labels, state.labels = state.labels, new_labels
+                state.skipped_images = skipped
+                state.cycle_metrics.update(cluster_metrics)
+                if env.is_main:
+                    np.save(run_dir / "labels.npy", state.labels)
+            else:
+                state.cycle_metrics.update({"t_extract": 0.0, "t_pca": 0.0, "t_kmeans": 0.0, "t_assign": 0.0,
+                                            "objective": None})
+            state.cycle_metrics.update(label_metrics(state, gt_labels, cfg.cluster.k, clustering))
+            if clustering or cfg.cluster.reinit_head_after_halt:
+                model.reset_head(cfg.cluster.k, generator=torch.Generator().manual_seed(cycle_seed(cfg.seed, cycle)))
+                model.head.to(env.device)
+            head_opt = new_head_optimizer(model, cfg)
+            state.clustered_this_cycle = True
+            state.epoch, state.step = 0, 0
+            state.totals = {"loss_sum": 0.0, "correct": 0, "seen": 0}
+
+        train_cycle(model, body_opt, head_opt, shards, train_tf, env, cfg, state, run_dir, (channels, image_size))
+
+        metrics = finish_cycle_metrics(state, cfg, t_cycle)
+        if cfg.eval.knn_every and cfg.data.test and (cycle + 1) % cfg.eval.knn_every == 0:
+            metrics["knn_top1"] = knn_top1(model, shards, cfg, env, eval_tf)
+        history.append(metrics)
+        if env.is_main:
+            sizes = cluster_stats(state.labels, cfg.cluster.k)["sizes"]
+            logger.log_cycle(metrics, sizes)
+            print(console_line(metrics), flush=True)
+        # The cycle is done: the next checkpoint position is the start of the next cycle.
+        state.cycle, state.epoch, state.step = cycle + 1, 0, 0
+        state.clustered_this_cycle = False
+        state.cycle_metrics = {}
+        if env.is_main:
+            save_checkpoint(checkpoint_state(model, body_opt, None, state, cfg, channels, image_size),
+                            run_dir, cfg.checkpoint.keep_last)
+        dist.barrier()
+
+    if env.is_main:
+        logger.close()
+        print_summary(history, run_dir)
+    return history[-1] if history else {}
+
+
+def input_shape(shards: ShardSet, cfg: Config) -> tuple[int, int]:
+    channels = shards.channels
+    image_size = cfg.data.image_size or shards.image_size
+    if image_size is None:
+        raise DcscaleError(f"{cfg.data.train}: images differ in size; set data.image_size")
+    return channels, image_size
+
+
+def cluster_cycle(model, shards, eval_tf, env, cfg: Config, cycle: int) -> tuple[np.ndarray, int, dict]:
+    """Extract -> reduce -> cluster -> assign. Returns (labels [N], skipped image count, metrics)."""
+    seed = cycle_seed(cfg.seed, cycle)
+    n_total = len(shards)
+    model.eval()
+    t0 = time.perf_counter()
+    indices, feats, skipped = phases.extract_features(model.features, shards, eval_tf, env,
+                                                      cfg.data.extract_batch_size, cfg.data.workers,
+                                                      cfg.cluster.feature_dtype)
+    t1 = time.perf_counter()
+    z, _ = phases.reduce_features(indices, feats, n_total, cfg.cluster.pca_dim, cfg.cluster.pca_sample, seed)
+    del feats
+    t2 = time.perf_counter()
+    centroids, objective = phases.cluster_rows(indices, z, n_total, cfg.cluster.k, cfg.cluster.niter,
+                                               cfg.cluster.max_points_per_centroid, seed)
+    t3 = time.perf_counter()
+    labels = phases.assign_labels(indices, z, centroids, n_total)
+    t4 = time.perf_counter()
+    n_skipped = int(dist.all_reduce_sum([len(skipped)])[0])
+    if n_skipped and env.is_main:
+        log.warning("cycle %d: %d undecodable image(s) skipped (label -1, never drawn)", cycle, n_skipped)
+    # Phase times are rank 0's; images/s counts the whole shard set.
+    return labels, n_skipped, {
+        "objective": objective,
+        "t_extract": t1 - t0, "t_pca": t2 - t1, "t_kmeans": t3 - t2, "t_assign": t4 - t3,
+        "ips_extract": n_total / max(t1 - t0, 1e-9),
+    }
+
+
+def label_metrics(state: RunState, gt_labels, k: int, clustered: bool) -> dict:
+    stats = cluster_stats(state.labels, k)
+    nmi_prev = None
+    if clustered and state.prev_labels is not None:
+        nmi_prev = nmi(state.prev_labels, state.labels)
+    return {
+        "nmi_prev": nmi_prev,
+        "nmi_gt": nmi(gt_labels, state.labels) if gt_labels is not None else None,
+        "empty_clusters": stats["empty"],
+        "cluster_min": stats["min"], "cluster_median": stats["median"], "cluster_max": stats["max"],
+        "skipped_images": state.skipped_images,
+    }
+
+
+def new_head_optimizer(model, cfg: Config) -> torch.optim.Optimizer:
+    # As in the original, the head gets a fresh optimizer every cycle; the body's momentum persists.
+    return torch.optim.SGD(model.head_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def train_cycle(model, body_opt, head_opt, shards, train_tf, env, cfg: Config, state: RunState, run_dir: Path,
+                shape: tuple[int, int]) -> None:
+    """`train.epochs_per_cycle` epochs of DDP SGD on the pseudo-labels, from the state's position.
+
+    Adds the seconds spent to state.cycle_metrics["t_train"] (which survives a mid-epoch resume).
+    """
+    ddp = DistributedDataParallel(model) if env.distributed else model
+    dataset = DrawSeeded(ClusterTrainDataset(shards, state.labels, train_tf), cfg.seed, state.cycle)
+    t_before = state.cycle_metrics.get("t_train", 0.0)
+    t_start = time.perf_counter()
+    while state.epoch < cfg.train.epochs_per_cycle:
+        epoch_seed = cycle_seed(cfg.seed, state.cycle) * 1000 + state.epoch
+        start = state.step * cfg.train.batch_size
+        sampler = UniformClusterSampler(state.labels, world_size=env.world_size, rank=env.rank,
+                                        seed=cycle_seed(cfg.seed, state.cycle), epoch=state.epoch, start=start)
+        steps_per_epoch = math.ceil(sampler.per_rank / cfg.train.batch_size)
+        dataset.epoch = state.epoch
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.train.batch_size, sampler=WithPositions(sampler, start),
+            num_workers=cfg.data.workers, collate_fn=collate_skip_none,
+            generator=torch.Generator().manual_seed(epoch_seed))
+        if state.step == 0:
+            torch.manual_seed(epoch_seed)  # dropout masks; restored from the checkpoint mid-epoch
+
+        def on_step(step: int, totals: dict) -> None:
+            state.step = step
+            every = cfg.checkpoint.every_steps
+            # The epoch's last step is followed by the cycle-end (or next epoch's) checkpoint.
+            if every and step % every == 0 and step < steps_per_epoch:
+                state.cycle_metrics["t_train"] = t_before + time.perf_counter() - t_start
+                write_mid_epoch_checkpoint(model, body_opt, head_opt, state, totals, cfg, env, run_dir, shape)
+
+        try:
+            state.totals = phases.train_steps(ddp, loader, [body_opt, head_opt], env, state.step, on_step,
+                                              state.totals)
+        except phases.NonFiniteLoss as err:
+            raise DcscaleError(f"loss is NaN or infinite at cycle {state.cycle}, epoch {state.epoch}, step "
+                               f"{err.step}; stopping (the last good checkpoint stays in "
+                               f"{run_dir / 'checkpoints'})") from None
+        state.epoch += 1
+        state.step = 0
+    state.cycle_metrics["t_train"] = t_before + time.perf_counter() - t_start
+
+
+def write_mid_epoch_checkpoint(model, body_opt, head_opt, state: RunState, totals: dict, cfg: Config,
+                               env, run_dir: Path, shape: tuple[int, int]) -> None:
+    # Every rank's running totals are summed into rank 0's copy, so the resumed run (which starts the
+    # other ranks from zero) ends the cycle with the same loss as an uninterrupted one.
+    summed = dist.all_reduce_sum([totals["loss_sum"], totals["correct"], totals["seen"]])
+    if env.is_main:
+        saved = RunState(**{**state.__dict__, "totals": {"loss_sum": summed[0], "correct": int(summed[1]),
+                                                          "seen": int(summed[2])}})
+        save_checkpoint(checkpoint_state(model, body_opt, head_opt, saved, cfg, *shape),
+                        run_dir, cfg.checkpoint.keep_last)
+    dist.barrier()
+
+
+def finish_cycle_metrics(state: RunState, cfg: Config, t_cycle_start: float) -> dict:
+    loss_sum, correct, seen = dist.all_reduce_sum(
+        [state.totals["loss_sum"], state.totals["correct"], state.totals["seen"]])
+    m = dict(state.cycle_metrics)
+    m["loss"] = loss_sum / max(seen, 1)
+    m["accuracy"] = correct / max(seen, 1)
+    m["ips_train"] = seen / max(m["t_train"], 1e-9)
+    m["t_cycle"] = sum(m.get(f"t_{p}", 0.0) for p in ("extract", "pca", "kmeans", "assign", "train"))
+    m["peak_mem_mb"] = peak_memory_mb()
+    m.setdefault("ips_extract", None)
+    return m
+
+
+def knn_top1(model, shards, cfg: Config, env, eval_tf) -> float:
+    from dcscale.eval.knn import knn_monitor
+
+    return knn_monitor(model, shards, ShardSet(cfg.data.test), eval_tf, env, cfg)
+
+
+def peak_memory_mb() -> float:
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    if torch.cuda.is_available():
+        return max(rss_mb, torch.cuda.max_memory_allocated() / 2**20)
+    return rss_mb
+
+
+class WithPositions(torch.utils.data.Sampler):
+    """Pairs every drawn index with its position in this rank's draw, so augmentation can be seeded
+    by position: a resumed epoch then sees exactly the crops and flips the uninterrupted one saw."""
+
+    def __init__(self, sampler, start: int):
+        self.sampler, self.start = sampler, start
+
+    def __iter__(self):
+        return iter(enumerate(self.sampler, start=self.start))
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+class DrawSeeded(torch.utils.data.Dataset):
+    """Applies the augmentation of draw (cycle, epoch, position) with its own seed, whatever worker
+    process happens to load it."""
+
+    def __init__(self, dataset, seed: int, cycle: int):
+        self.dataset, self.seed, self.cycle, self.epoch = dataset, seed, cycle, 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        position, index = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.cycle, self.epoch, position)) & 0x7FFF_FFFF_FFFF_FFFF)
+            return self.dataset[index]
+
+
+def checkpoint_state(model, body_opt, head_opt, state: RunState, cfg: Config, channels: int, image_size: int) -> dict:
+    return {
+        "format": 1,
+        "model": model.state_dict(),
+        "body_optimizer": body_opt.state_dict(),
+        "head_optimizer": head_opt.state_dict() if head_opt is not None else None,
+        "cycle": state.cycle, "epoch": state.epoch, "step": state.step,
+        "clustered_this_cycle": state.clustered_this_cycle,
+        "labels": state.labels, "prev_labels": state.prev_labels,
+        "cycle_metrics": state.cycle_metrics, "totals": state.totals,
+        "skipped_images": state.skipped_images,
+        "rng": torch.get_rng_state(),
+        "config": config_to_dict(cfg),
+        "image_shape": [channels, image_size, image_size],
+        "k": cfg.cluster.k,
+    }
+
+
+def restore(path: Path, model, body_opt, cfg: Config):
+    ckpt = load_checkpoint(path)
+    model.reset_head(ckpt.get("k", cfg.cluster.k))
+    model.load_state_dict(ckpt["model"])
+    device = next(model.parameters()).device
+    model.head.to(device)
+    body_opt.load_state_dict(ckpt["body_optimizer"])
+    head_opt = None
+    if ckpt.get("head_optimizer") is not None:
+        head_opt = new_head_optimizer(model, cfg)
+        head_opt.load_state_dict(ckpt["head_optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    dist_env = dist.get_env()
+    totals = ckpt["totals"] if dist_env.is_main else {"loss_sum": 0.0, "correct": 0, "seen": 0}
+    state = RunState(cycle=ckpt["cycle"], epoch=ckpt["epoch"], step=ckpt["step"],
+                     clustered_this_cycle=ckpt["clustered_this_cycle"], labels=ckpt["labels"],
+                     prev_labels=ckpt["prev_labels"], cycle_metrics=dict(ckpt["cycle_metrics"]),
+                     totals=dict(totals), skipped_images=ckpt.get("skipped_images", 0))
+    return state, head_opt
+
+
+def load_initial_weights(model, path: str) -> None:
+    """Start from given weights (e.g. the best random init found by `dcscale ia --select-seed`)."""
+    ckpt = load_checkpoint(Path(path))
+    weights = {k: v for k, v in ckpt["model"].items() if not k.startswith("head.")}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.startswith("head.") for k in missing):
+        raise DcscaleError(f"model.init {path}: weights do not fit {type(model).__name__} "
+                           f"(missing {len(missing)}, unexpected {len(unexpected)})")
+
+
+def print_summary(history: list[dict], run_dir: Path) -> None:
+    if not history:
+        print(f"dcscale train: nothing to do (all cycles done); run dir {run_dir}")
+        return
+    curve = " ".join("-" if m.get("nmi_prev") is None else f"{m['nmi_prev']:.2f}" for m in history)
+    gt = " ".join("-" if m.get("nmi_gt") is None else f"{m['nmi_gt']:.2f}" for m in history)
+    print(f"NMI(t-1, t) by cycle: {curve}")
+    print(f"NMI(labels, t) by cycle: {gt}")
+    last = history[-1]
+    print(f"dcscale train: done {last['cycle'] + 1} cycles, final loss {last['loss']:.4f}; "
+          f"metrics {run_dir / 'metrics.jsonl'}; TensorBoard: tensorboard --logdir {run_dir / 'tb'}")

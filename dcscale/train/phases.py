@@ -1,0 +1,152 @@
+"""The phases of one DeepCluster cycle across ranks: extract -> reduce -> cluster -> assign -> train.
+
+Each phase takes explicit inputs and returns explicit outputs; `dcscale.train.loop` calls them in
+order. Data flow (see DESIGN.md): every rank works on its own contiguous slice of the shard set; only
+the PCA sample and the k-means training rows travel to rank 0; the PCA matrix and the centroids
+travel back; the N-long label array is all-gathered. Nothing of size N x D sits on one host.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import numpy as np
+import torch
+
+from dcscale import dist
+from dcscale.cluster.kmeans import assign, train_kmeans, training_row_indices
+from dcscale.cluster.pca import PCA, apply_pca, fit_pca
+from dcscale.data.loaders import extraction_loader
+
+log = logging.getLogger("dcscale")
+
+
+def _progress(iterable, total: int | None, desc: str, enabled: bool):
+    """A progress bar on rank 0 when attached to a terminal; plain iteration otherwise."""
+    if not enabled or not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+@torch.no_grad()
+def extract_features(model_fn, shardset, transform, env: dist.DistEnv, batch_size: int, workers: int,
+                     dtype: str = "float32") -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Run this rank's contiguous slice through `model_fn` (batch -> [B, D] features).
+
+    Returns (global indices int64 [n_r], features [n_r, D] in `dtype`, skipped global indices).
+    """
+    loader = extraction_loader(shardset, transform, rank=env.rank, world_size=env.world_size,
+                               batch_size=batch_size, num_workers=workers)
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    index_parts, feat_parts = [], []
+    total = getattr(loader, "num_batches", None)
+    for indices, images in _progress(loader, total, "extract", env.is_main):
+        if len(indices) == 0:
+            continue
+        feats = model_fn(images.to(env.device, non_blocking=True))
+        index_parts.append(indices.numpy().astype(np.int64))
+        feat_parts.append(feats.float().cpu().numpy().astype(np_dtype, copy=False))
+    skipped = list(getattr(loader, "skipped", []))
+    if not index_parts:
+        return np.zeros(0, np.int64), np.zeros((0, 0), np_dtype), skipped
+    return np.concatenate(index_parts), np.concatenate(feat_parts), skipped
+
+
+def _rows_in(indices: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """Positions in this rank's `indices` (sorted) of the globally chosen indices it holds."""
+    return np.nonzero(np.isin(indices, chosen, assume_unique=True))[0]
+
+
+def reduce_features(indices: np.ndarray, feats: np.ndarray, n_total: int, pca_dim: int | None,
+                    pca_sample: int | None, seed: int) -> tuple[np.ndarray, PCA | None]:
+    """PCA (fitted on rank 0 from a global random sample of rows) + whitening + L2, on every rank."""
+    pca = None
+    if pca_dim is not None:
+        rng = np.random.default_rng(seed)
+        n_sample = n_total if pca_sample is None else min(pca_sample, n_total)
+        chosen = np.sort(rng.choice(n_total, size=n_sample, replace=False))
+        sample = dist.gather_rows_to_main(feats[_rows_in(indices, chosen)].astype(np.float32))
+        if dist.is_main():
+            pca = fit_pca(sample, pca_dim)
+            mean, matrix = pca.mean, pca.matrix
+        else:
+            mean = matrix = None
+        mean, matrix = dist.broadcast_array(mean), dist.broadcast_array(matrix)
+        pca = PCA(mean=mean, matrix=matrix)
+    return apply_pca(feats, pca), pca
+
+
+def cluster_rows(indices: np.ndarray, z: np.ndarray, n_total: int, k: int, niter: int,
+                 max_points_per_centroid: int | None, seed: int) -> tuple[np.ndarray, float]:
+    """k-means on rank 0 over the (possibly subsampled) training rows of every rank; centroids to all.
+
+    Returns (centroids [K, d], objective). Other ranks wait on a long-timeout barrier meanwhile.
+    """
+    chosen = training_row_indices(n_total, k, max_points_per_centroid, seed)
+    local = z if chosen is None else z[_rows_in(indices, chosen)]
+    train_rows = dist.gather_rows_to_main(np.ascontiguousarray(local, dtype=np.float32))
+    if dist.is_main():
+        result = train_kmeans(train_rows, k, niter, seed)
+        centroids, objective = result.centroids, float(result.objective)
+    else:
+        centroids, objective = None, None
+    dist.wait_for_main()
+    centroids = dist.broadcast_array(centroids)
+    objective = dist.broadcast_object(objective)
+    return centroids, objective
+
+
+def assign_labels(indices: np.ndarray, z: np.ndarray, centroids: np.ndarray, n_total: int) -> np.ndarray:
+    """Nearest centroid for this rank's rows, then the full N-long int32 label array on every rank.
+
+    Samples that could not be decoded keep label -1 and are never drawn for training.
+    """
+    local_labels, _ = assign(np.ascontiguousarray(z, dtype=np.float32), centroids)
+    pairs = np.stack([indices.astype(np.int64), local_labels.astype(np.int64)], axis=1)
+    everything = dist.all_gather_rows(pairs)
+    labels = np.full(n_total, -1, dtype=np.int32)
+    labels[everything[:, 0]] = everything[:, 1]
+    return labels
+
+
+def train_steps(ddp_model, loader, optimizers, env: dist.DistEnv, start_step: int, on_step,
+                totals: dict) -> dict:
+    """SGD over the uniform-cluster batches from `start_step` on.
+
+    `on_step(step, totals)` runs after every step (checkpointing, logging). Stops the run if the loss
+    is NaN or infinite on any rank. Returns this rank's running totals (loss sum, correct, seen),
+    continued from `totals`.
+    """
+    criterion = torch.nn.CrossEntropyLoss()
+    ddp_model.train()
+    totals = dict(totals)
+    step = start_step
+    total = getattr(loader, "__len__", None)
+    # Undecodable images never reach here: extraction gave them label -1 and the sampler skips -1.
+    for batch in _progress(loader, total() if total else None, "train", env.is_main):
+        images = batch.images.to(env.device, non_blocking=True)
+        targets = batch.labels.to(env.device, non_blocking=True)
+        logits = ddp_model(images)
+        loss = criterion(logits, targets)
+        if dist.any_rank(not torch.isfinite(loss).item()):
+            raise NonFiniteLoss(step)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        totals["loss_sum"] += float(loss.item()) * len(targets)
+        totals["correct"] += int((logits.argmax(1) == targets).sum().item())
+        totals["seen"] += len(targets)
+        step += 1
+        on_step(step, totals)
+    return totals
+
+
+class NonFiniteLoss(RuntimeError):
+    def __init__(self, step: int):
+        super().__init__(f"non-finite loss at step {step}")
+        self.step = step

@@ -1,0 +1,27 @@
+"""Shared, session-scoped fixtures: small digits shard sets (several shards each) built once per run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dcscale.data.build import build_digits
+
+DIGITS_SAMPLES_PER_SHARD = 200  # 1437 train samples -> 8 shards, 360 test samples -> 2 shards
+
+
+@pytest.fixture(scope="session")
+def digits_train_shards(tmp_path_factory) -> Path:
+    """Path to the digits train split (1437 labelled 8x8 grey images) as a shard set."""
+    out = tmp_path_factory.mktemp("digits") / "train"
+    build_digits(out, split="train", samples_per_shard=DIGITS_SAMPLES_PER_SHARD)
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_test_shards(tmp_path_factory) -> Path:
+    """Path to the digits test split (360 labelled 8x8 grey images) as a shard set."""
+    out = tmp_path_factory.mktemp("digits") / "test"
+    build_digits(out, split="test", samples_per_shard=DIGITS_SAMPLES_PER_SHARD)
+    return out

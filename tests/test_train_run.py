@@ -1,0 +1,167 @@
+"""`dcscale train` end to end: plainly and under torchrun (gloo, 2 processes on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dcscale.config import load_config
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _overrides(shards: Path, run_dir: Path, **extra) -> list[str]:
+    base = {
+        "data.train": str(shards), "data.image_size": 32, "data.workers": 0, "model.arch": "lenet5",
+        "cluster.k": 10, "cluster.pca_dim": 16, "cluster.niter": 10, "train.cycles": 2,
+        "train.batch_size": 64, "train.augment": "small", "train.hflip": False, "train.lr": 0.05,
+        "output.dir": str(run_dir), "dist.timeout_min": 2, "cluster.wait_timeout_min": 2,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _cmd(nproc: int, overrides: list[str]) -> list[str]:
+    train = ["-m", "dcscale", "train", "--config", str(Path(__file__).parent / "train_test.yaml"), *overrides]
+    if nproc == 1:
+        return [sys.executable, *train]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *train]
+
+
+def run_train(nproc: int, overrides: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(nproc, overrides), env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(digits_train_shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("two") / "run"
+    proc = run_train(2, _overrides(digits_train_shards, run_dir, **{"checkpoint.every_steps": 4}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc
+
+
+def test_two_process_run_logs_every_cycle(two_process_run):
+    run_dir, proc = two_process_run
+    rows = metrics(run_dir)
+    assert [r["cycle"] for r in rows] == [0, 1]
+    required = {"cycle", "loss", "nmi_prev", "nmi_gt", "empty_clusters", "clustered", "objective", "t_extract",
+                "t_pca", "t_kmeans", "t_assign", "t_train", "peak_mem_mb"}
+    assert required <= set(rows[0])
+    assert rows[0]["nmi_prev"] is None and 0 <= rows[1]["nmi_prev"] <= 1
+    assert 0 < rows[0]["nmi_gt"] <= 1  # cycle 0: the Initial Alignment
+    assert all(r["clustered"] and np.isfinite(r["loss"]) for r in rows)
+    assert list((run_dir / "tb").glob("events.out.tfevents.*")), "rank 0 writes TensorBoard events"
+    assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1, "only rank 0 writes"
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    labels = np.load(run_dir / "labels.npy")
+    assert labels.dtype == np.int32 and (labels >= 0).all()
+    assert proc.stdout.count("cycle   0 |") == 1, "one console line per cycle, from rank 0 only"
+
+
+def test_saved_config_reproduces_the_run(two_process_run, digits_train_shards):
+    run_dir, _ = two_process_run
+    saved = load_config(run_dir / "config.yaml")
+    assert saved == load_config(Path(__file__).parent / "train_test.yaml",
+                                _overrides(digits_train_shards, run_dir, **{"checkpoint.every_steps": 4}))
+
+
+def test_one_and_two_processes_give_the_same_cycle0_labels(digits_train_shards, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    p1 = run_train(1, _overrides(digits_train_shards, one, **{"train.cycles": 1}))
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    p2 = run_train(2, _overrides(digits_train_shards, two, **{"train.cycles": 1}))
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(one / "labels.npy"), np.load(two / "labels.npy"))
+
+
+def test_halt_after_skips_clustering_and_keeps_labels(digits_train_shards, tmp_path):
+    run_dir = tmp_path / "halt"
+    proc = run_train(1, _overrides(digits_train_shards, run_dir, **{"train.cycles": 3, "cluster.halt_after": 1}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = metrics(run_dir)
+    assert [r["clustered"] for r in rows] == [True, False, False]
+    for r in rows[1:]:
+        assert r["t_extract"] == r["t_pca"] == r["t_kmeans"] == r["t_assign"] == 0.0
+        assert r["nmi_gt"] == rows[0]["nmi_gt"], "the cycle-0 labels are kept"
+    assert rows[0]["t_extract"] > 0
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(two_process_run, digits_train_shards, tmp_path):
+    reference_dir, _ = two_process_run
+    run_dir = tmp_path / "killed"
+    overrides = _overrides(digits_train_shards, run_dir, **{"checkpoint.every_steps": 4})
+    proc = subprocess.Popen(_cmd(2, overrides), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    # Kill the whole job (torchrun and both ranks) with SIGKILL as soon as cycle 1 is mid-epoch.
+    deadline = time.time() + 180
+    while not list((run_dir / "checkpoints").glob("cycle00001_step*.pt")):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+    assert len(done) < 2, "killed before the end"
+
+    resumed = run_train(2, overrides + ["resume=auto"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    ref, got = metrics(reference_dir), metrics(run_dir)
+    assert [r["cycle"] for r in got] == [0, 1]
+    for a, b in zip(ref, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert b["nmi_gt"] == pytest.approx(a["nmi_gt"], abs=1e-9)
+    np.testing.assert_array_equal(np.load(reference_dir / "labels.npy"), np.load(run_dir / "labels.npy"))
+
+
+def test_nan_loss_stops_with_a_clear_message(digits_train_shards, tmp_path):
+    run_dir = tmp_path / "nan"
+    proc = run_train(1, _overrides(digits_train_shards, run_dir, **{"train.lr": 1e30, "train.cycles": 1,
+                                                                     "checkpoint.every_steps": 1}))
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "loss is NaN or infinite at cycle 0" in last and "step" in last
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_config_fails_before_any_work(digits_train_shards, tmp_path):
+    proc = run_train(1, _overrides(digits_train_shards, tmp_path / "bad", **{"cluster.kk": 3}))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("dcscale: error: unknown config key 'cluster.kk' in the command line "
+                                   "(did you mean 'cluster.k'?)")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_killed_rank_ends_the_job_without_a_hang(digits_train_shards, tmp_path):
+    run_dir = tmp_path / "dead"
+    overrides = _overrides(digits_train_shards, run_dir, **{"train.cycles": 50, "dist.timeout_min": 10,
+                                                            "cluster.wait_timeout_min": 10})
+    proc = subprocess.Popen(_cmd(2, overrides), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not (run_dir / "metrics.jsonl").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    ranks = subprocess.run(["pgrep", "-P", str(proc.pid), "-f", "dcscale train"], capture_output=True, text=True)
+    workers = [int(p) for p in ranks.stdout.split()]
+    assert len(workers) == 2
+    os.kill(max(workers), signal.SIGKILL)
+    t0 = time.time()
+    try:
+        proc.wait(timeout=60)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert proc.returncode != 0
+    assert time.time() - t0 < 60  # far below the 10-minute collective timeout

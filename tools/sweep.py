@@ -1,0 +1,344 @@
+#!/usr/bin/env python
+"""Run a grid of config overrides and tabulate each run's final metrics and probe accuracy.
+
+This is how the paper's halting and cluster-count experiments are reproduced, e.g.
+
+    python tools/sweep.py --config configs/paper/cifar10_alexnet_small.yaml \
+        --grid cluster.halt_after=1,10,30,50 --out runs/sweep_halt
+    python tools/sweep.py --config configs/paper/fmnist_lenet5.yaml \
+        --grid cluster.k=10,50,100,500 --set train.cycles=20 --out runs/sweep_k \
+        --launcher submitit --nproc 4 --partition gpu --timeout-min 600
+
+Each grid point is one training run in OUT/runs/<key-value>/ (`dcscale train`, under torchrun with
+--nproc > 1), followed by a linear probe of its last checkpoint on data.test (`dcscale probe`).
+Runs go one after the other (--launcher local) or as one submitit job array (--launcher submitit:
+Slurm when available, else local subprocesses). A point whose run and probe already finished is
+not run again (--rerun forces it). At the end OUT/sweep.csv has one row per point and
+OUT/sweep.png plots each metric against the grid value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dcscale.config import all_keys, load_config, parse_override
+from dcscale.errors import ConfigError, DcscaleError
+from dcscale.eval.report import read_metrics
+
+FINAL_KEYS = ("loss", "accuracy", "nmi_prev", "nmi_gt", "knn_top1", "empty_clusters", "cluster_min",
+              "cluster_median", "cluster_max")
+PLOT_KEYS = ("probe_top1", "nmi_gt", "knn_top1", "nmi_prev", "loss", "time_total_s")
+
+
+@dataclass
+class Point:
+    """One grid point: its overrides, run directory and the commands that produce it."""
+    values: dict[str, object]
+    run_dir: Path
+    commands: list[list[str]] = field(default_factory=list)
+
+
+# ---- grid ----------------------------------------------------------------------------------------
+
+def parse_grid(specs: list[str]) -> dict[str, list]:
+    """['cluster.k=10,50'] -> {'cluster.k': [10, 50]} (each value parsed as YAML, like overrides)."""
+    grid: dict[str, list] = {}
+    for spec in specs:
+        if "=" not in spec:
+            raise ConfigError(f"--grid '{spec}': expected key=v1,v2,..., e.g. cluster.halt_after=1,10,30")
+        key, _, values = spec.partition("=")
+        key = key.strip()
+        if key not in all_keys():
+            raise ConfigError(f"--grid '{spec}': unknown config key '{key}'")
+        parsed = [parse_override(f"{key}={v.strip()}")[1] for v in values.split(",") if v.strip()]
+        if not parsed:
+            raise ConfigError(f"--grid '{spec}': no values")
+        grid[key] = parsed
+    if not grid:
+        raise ConfigError("give at least one --grid key=v1,v2,...")
+    return grid
+
+
+def _fmt(value) -> str:
+    """A value as written on a command line (YAML: null, true, 0.05)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def run_name(values: dict) -> str:
+    """{'cluster.halt_after': 10} -> 'halt_after-10' (a readable, filesystem-safe directory name)."""
+    parts = [f"{k.rsplit('.', 1)[-1]}-{_fmt(v)}" for k, v in values.items()]
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "__".join(parts))
+
+
+def make_points(args, grid: dict[str, list]) -> list[Point]:
+    """Resolve every grid point's config (so a bad value fails now, not in job 17) and its commands."""
+    out = Path(args.out)
+    points = []
+    for combo in itertools.product(*grid.values()):
+        values = dict(zip(grid, combo))
+        run_dir = (out / "runs" / run_name(values)).resolve()
+        overrides = [*args.set, *(f"{k}={_fmt(v)}" for k, v in values.items()), f"output.dir={run_dir}"]
+        cfg = load_config(args.config, overrides)
+        point = Point(values, run_dir)
+        point.commands.append(train_command(args.config, overrides, args.nproc))
+        layer = probe_layer(args, cfg)
+        if layer is not None:
+            point.commands.append(probe_command(run_dir, cfg, layer, args.probe_epochs))
+        points.append(point)
+    return points
+
+
+def probe_layer(args, cfg) -> str | None:
+    if args.probe_layer in ("none", ""):
+        return None
+    if cfg.data.test is None or cfg.data.train is None:
+        return None  # nothing labelled to probe on
+    return args.probe_layer
+
+
+def train_command(config: str, overrides: list[str], nproc: int) -> list[str]:
+    base = ["-m", "dcscale", "train", "--config", str(Path(config).resolve()), *overrides]
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={nproc}", *base]
+    return [sys.executable, *base]
+
+
+def probe_command(run_dir: Path, cfg, layer: str, epochs: int | None) -> list[str]:
+    cmd = [sys.executable, "-m", "dcscale", "probe", "--checkpoint", str(run_dir / "checkpoints" / "last.pt"),
+           "--train", str(Path(cfg.data.train).resolve()), "--test", str(Path(cfg.data.test).resolve()),
+           "--layer", layer, "--json", str(run_dir / "probe.json")]
+    if epochs is not None:
+        cmd += ["--epochs", str(epochs)]
+    return cmd
+
+
+# ---- running -------------------------------------------------------------------------------------
+
+def run_commands(commands: list[list[str]], log_path: str) -> int:
+    """Run one point's commands in order, appending their output to log_path; stop at a failure.
+
+    Module-level so that submitit can pickle it for a job.
+    """
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        for cmd in commands:
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            if code != 0:
+                log.write(f"exit code {code}\n")
+                return code
+    return 0
+
+
+def is_done(point: Point) -> bool:
+    return (point.run_dir / "sweep_done").is_file()
+
+
+def run_local(points: list[Point]) -> None:
+    for i, point in enumerate(points, 1):
+        print(f"sweep: [{i}/{len(points)}] {point.run_dir.name}", flush=True)
+        code = run_commands(point.commands, str(point.run_dir / "sweep.log"))
+        if code == 0:
+            (point.run_dir / "sweep_done").touch()
+        else:
+            print(f"sweep: {point.run_dir.name} failed (exit {code}), see {point.run_dir / 'sweep.log'}",
+                  file=sys.stderr)
+
+
+def run_submitit(points: list[Point], args) -> None:
+    """One job per point, submitted as a single job array; waits for all of them."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=str(Path(args.out) / "submitit"),
+                                     cluster=args.submitit_cluster)
+    params = dict(name="dcscale-sweep", timeout_min=args.timeout_min, nodes=1, tasks_per_node=1,
+                  cpus_per_task=args.cpus_per_task, slurm_array_parallelism=args.parallel)
+    if args.gpus_per_node:
+        params["gpus_per_node"] = args.gpus_per_node
+    if args.partition:
+        params["slurm_partition"] = args.partition
+    executor.update_parameters(**params)
+    jobs = executor.map_array(run_commands, [p.commands for p in points],
+                              [str(p.run_dir / "sweep.log") for p in points])
+    print(f"sweep: submitted {len(jobs)} jobs ({executor.cluster}), first id {jobs[0].job_id}", flush=True)
+    for point, job in zip(points, jobs):
+        try:
+            code = job.result()
+        except Exception as err:  # a job that died (time limit, node failure): report, keep the rest
+            code = f"{type(err).__name__}"
+        if code == 0:
+            (point.run_dir / "sweep_done").touch()
+        else:
+            print(f"sweep: {point.run_dir.name} failed ({code}), see {point.run_dir / 'sweep.log'}",
+                  file=sys.stderr)
+
+
+# ---- collecting ----------------------------------------------------------------------------------
+
+def collect_point(point: Point) -> dict:
+    """One CSV row: the grid values, status, the last cycle's metrics, total time, probe accuracy."""
+    row: dict[str, object] = {k: _fmt(v) for k, v in point.values.items()}
+    row["run_dir"] = str(point.run_dir)
+    try:
+        metrics = read_metrics(point.run_dir)
+    except DcscaleError:
+        metrics = []
+    row["status"] = "ok" if is_done(point) else ("partial" if metrics else "missing")
+    row["cycles"] = len(metrics)
+    last = metrics[-1] if metrics else {}
+    for key in FINAL_KEYS:
+        row[key] = last.get(key)
+    times = [m.get("t_cycle") for m in metrics if isinstance(m.get("t_cycle"), (int, float))]
+    row["time_total_s"] = round(sum(times), 3) if times else None
+    row.update(read_probe(point.run_dir / "probe.json"))
+    return row
+
+
+def read_probe(path: Path) -> dict:
+    """probe_top1/probe_top5 of the best probed layer, plus per-layer columns."""
+    if not path.is_file():
+        return {"probe_layer": None, "probe_top1": None, "probe_top5": None}
+    data = json.loads(path.read_text())
+    layers = data.get("layers", {})
+    out: dict[str, object] = {}
+    for name, res in layers.items():
+        out[f"probe_{name}_top1"] = res.get("top1")
+        out[f"probe_{name}_top5"] = res.get("top5")
+    if layers:
+        best = max(layers, key=lambda n: layers[n].get("top1", -1))
+        out.update(probe_layer=best, probe_top1=layers[best].get("top1"), probe_top5=layers[best].get("top5"))
+    return out
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
+
+
+def _numeric(values: list) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def write_plot(rows: list[dict], grid: dict[str, list], path: Path) -> None:
+    """Each metric against the first grid key; one line per combination of the other keys."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(grid)
+    x_key, others = keys[0], keys[1:]
+    xs_all = grid[x_key]
+    numeric = _numeric(xs_all)
+    position = {_fmt(v): (v if numeric else i) for i, v in enumerate(xs_all)}
+    metrics = [m for m in PLOT_KEYS if any(isinstance(r.get(m), (int, float)) for r in rows)] or ["cycles"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for combo in itertools.product(*(grid[k] for k in others)):
+            sub = [r for r in rows if all(r[k] == _fmt(v) for k, v in zip(others, combo))]
+            pts = [(position[r[x_key]], r[metric]) for r in sub
+                   if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+            if not pts:
+                continue
+            pts.sort()
+            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in zip(others, combo)) or None
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(metric)
+        ax.set_title(metric)
+        if not numeric:
+            ax.set_xticks(range(len(xs_all)), [_fmt(v) for v in xs_all])
+        ax.grid(alpha=0.3)
+        if others:
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="base YAML config")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="a config key and its values; repeat for a cross product")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a fixed override for every run")
+    p.add_argument("--out", required=True, help="sweep directory (runs/, sweep.csv, sweep.png)")
+    p.add_argument("--launcher", choices=("local", "submitit"), default="local")
+    p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
+    p.add_argument("--probe-layer", default="all",
+                   help="layer(s) to probe after each run (see `dcscale probe --layer`); 'none' to skip")
+    p.add_argument("--probe-epochs", type=int, default=None, help="default: the config's eval.probe_epochs")
+    p.add_argument("--rerun", action="store_true", help="run points again even if they finished")
+    p.add_argument("--collect-only", action="store_true", help="only tabulate existing runs")
+    g = p.add_argument_group("submitit")
+    g.add_argument("--submitit-cluster", default=None, help="slurm, local or debug (default: detect)")
+    g.add_argument("--partition", default=None)
+    g.add_argument("--timeout-min", type=int, default=24 * 60)
+    g.add_argument("--gpus-per-node", type=int, default=None, help="default: --nproc on Slurm")
+    g.add_argument("--cpus-per-task", type=int, default=8)
+    g.add_argument("--parallel", type=int, default=64, help="at most this many jobs at a time")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        grid = parse_grid(args.grid)
+        points = make_points(args, grid)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        todo = [] if args.collect_only else [p for p in points if args.rerun or not is_done(p)]
+        user_resume = any(s.split("=", 1)[0].strip() == "resume" for s in args.set)
+        for p in todo:
+            if args.rerun:  # start over in the same directory
+                (p.run_dir / "sweep_done").unlink(missing_ok=True)
+                p.commands[0].append("resume=null")
+            elif not user_resume:  # an interrupted point continues where it stopped
+                p.commands[0].append("resume=auto")
+        if todo and args.launcher == "local":
+            run_local(todo)
+        elif todo:
+            if args.gpus_per_node is None and args.nproc > 1:
+                args.gpus_per_node = args.nproc
+            run_submitit(todo, args)
+    except DcscaleError as err:
+        print(f"sweep: error: {err}", file=sys.stderr)
+        return 2
+    rows = [collect_point(p) for p in points]
+    out = Path(args.out)
+    write_csv(rows, out / "sweep.csv")
+    write_plot(rows, grid, out / "sweep.png")
+    ok = sum(r["status"] == "ok" for r in rows)
+    print(f"sweep: {ok}/{len(rows)} runs ok ({len(todo)} run now); table {out / 'sweep.csv'}, "
+          f"plot {out / 'sweep.png'}")
+    return 0 if ok == len(rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
