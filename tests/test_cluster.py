@@ -72,6 +72,20 @@ def test_kmeans_reproducible_for_a_seed():
     assert a.iteration_objectives[-1] <= a.iteration_objectives[0]
 
 
+def test_kmeans_same_result_for_any_thread_count():
+    import faiss
+    x, _ = blobs(2000, 16, 30, seed=2)
+    before = faiss.omp_get_max_threads()
+    try:
+        faiss.omp_set_num_threads(1)
+        one = train_kmeans(x, 30, niter=8, seed=4)
+        faiss.omp_set_num_threads(2)
+        two = train_kmeans(x, 30, niter=8, seed=4)
+    finally:
+        faiss.omp_set_num_threads(before)
+    assert np.array_equal(one.centroids, two.centroids)
+
+
 def test_kmeans_recovers_blobs_and_objective_matches_assignment():
     x, truth = blobs(2000, 8, 5, spread=0.05)
     km = train_kmeans(x, 5, niter=20, seed=0)

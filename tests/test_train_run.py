@@ -165,3 +165,37 @@ def test_a_killed_rank_ends_the_job_without_a_hang(digits_train_shards, tmp_path
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
     assert proc.returncode != 0
     assert time.time() - t0 < 60  # far below the 10-minute collective timeout
+
+
+def _digits_with_broken_images(root: Path, broken: set[int]) -> Path:
+    """The digits training images, with the given global indices replaced by undecodable bytes."""
+    from sklearn.datasets import load_digits
+
+    from dcscale.data.manifest import FORMAT_VERSION, Manifest, save_manifest
+    from dcscale.data.writers import Encoded, ShardSetWriter
+
+    digits = load_digits()
+    images = np.round(digits.images[:400] * 255 / 16).astype(np.uint8)
+    root.mkdir()
+    writer = ShardSetWriter(root, samples_per_shard=150)
+    for i, (image, label) in enumerate(zip(images, digits.target[:400])):
+        if i in broken:
+            writer.write(Encoded(data=b"\x89PNG\r\n\x1a\nnot a png", ext="png", shape=(1, 8, 8)), label=int(label))
+        else:
+            writer.write(image, label=int(label))
+    stats = writer.close()
+    save_manifest(Manifest(FORMAT_VERSION, stats.shards, stats.total, True, 10, [str(c) for c in range(10)],
+                           "digits with broken images", [1, 8, 8], 1), root)
+    return root
+
+
+def test_undecodable_images_are_counted_and_the_run_completes(tmp_path):
+    shards = _digits_with_broken_images(tmp_path / "broken", {7, 301})
+    run_dir = tmp_path / "run"
+    proc = run_train(2, _overrides(shards, run_dir, **{"train.cycles": 2, "cluster.halt_after": 1}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = metrics(run_dir)
+    assert [r["skipped_images"] for r in rows] == [2, 2]
+    assert "2 undecodable image(s) skipped" in proc.stderr
+    labels = np.load(run_dir / "labels.npy")
+    assert labels[7] == -1 and labels[301] == -1 and (np.delete(labels, [7, 301]) >= 0).all()

@@ -3,6 +3,11 @@
 GPU faiss on all visible GPUs when the installed faiss has GPUs, CPU faiss otherwise; same calls.
 Training rows are chosen up front by `training_row_indices` (so that in a distributed run only
 those rows travel to rank 0), hence faiss's own subsampling is switched off here.
+
+Reproducibility: with the same rows and seed, faiss's CPU k-means gives bit-identical centroids
+whatever the number of OpenMP threads (each thread owns a fixed range of centroids when summing;
+tests/test_cluster.py checks 1 vs 2 threads), so no thread pinning is needed. GPU faiss is
+deterministic for a given GPU count but may differ from CPU in the last bits.
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
+
+from dcscale.cluster.metrics import cluster_stats
+from dcscale.cluster.pca import apply_pca, fit_pca, sample_row_indices
 
 _ASSIGN_CHUNK = 262144  # query rows per search call: bounds faiss's temporary distance buffers
 
@@ -129,9 +137,6 @@ def cluster_features(features: np.ndarray, k: int, *, niter: int = 20, seed: int
     """The whole single-host reduce -> cluster -> assign pipeline on features [N, D]
     (what a distributed run does with gathers in between). `seed` drives the PCA sample, the
     training-row sample and faiss."""
-    from dcscale.cluster.metrics import cluster_stats
-    from dcscale.cluster.pca import apply_pca, fit_pca, sample_row_indices
-
     n = features.shape[0]
     pca = None
     if pca_dim is not None:

@@ -10,10 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import warnings
+
 import numpy as np
 import torch
 
-_CHUNK_ROWS = 65536  # rows per matmul: bounds temporary memory at large N
+_CHUNK_ROWS = 16384  # rows per matmul: bounds temporaries (256 MB at D=4096)
+
+
+def _tensor(x: np.ndarray) -> torch.Tensor:
+    """Zero-copy view; read-only inputs (memory-mapped features) are fine since nothing writes to them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(x)
 
 
 @dataclass
@@ -49,7 +58,7 @@ def fit_pca(sample: np.ndarray, dim: int | None, eigen_power: float = -0.5) -> P
     n, d_in = x.shape
     if not 1 <= dim <= d_in:
         raise ValueError(f"cluster.pca_dim = {dim} must be between 1 and the feature dimension {d_in}")
-    xt = torch.from_numpy(x)
+    xt = _tensor(x)
     mean = xt.mean(dim=0, dtype=torch.float64)
     cov = torch.zeros(d_in, d_in, dtype=torch.float64)
     mean32 = mean.float()
@@ -91,6 +100,6 @@ def apply_pca(x: np.ndarray, pca: PCA | None) -> np.ndarray:
     mean = torch.from_numpy(pca.mean)
     matrix = torch.from_numpy(pca.matrix)
     for lo in range(0, x.shape[0], _CHUNK_ROWS):
-        chunk = torch.from_numpy(x[lo:lo + _CHUNK_ROWS])
+        chunk = _tensor(x[lo:lo + _CHUNK_ROWS])
         out[lo:lo + _CHUNK_ROWS] = ((chunk - mean) @ matrix).numpy()
     return l2_normalize(out)

@@ -73,7 +73,8 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k: int = 20
     if len(test_labels) == 0:
         return float("nan")
     if num_classes is None:
-        num_classes = int(max(train_labels.max(initial=0) if len(train_labels) else 0, test_labels.max())) + 1
+        top_train = int(train_labels.max()) if len(train_labels) else 0
+        num_classes = max(top_train, int(test_labels.max())) + 1
     sims, nbr = nearest_neighbours(test_feats, train_feats, train_labels, k)
     pred = vote(sims, nbr, temperature, num_classes)
     return float((pred == test_labels).double().mean())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -81,13 +80,10 @@ def console_line(m: dict) -> str:
         return "-" if v is None else format(v, spec)
 
     clustered = "clustered" if m.get("clustered") else "halted"
+    knn = f" | knn {m['knn_top1']:.3f}" if m.get("knn_top1") is not None else ""
     return (f"cycle {m['cycle']:>3} | loss {fmt(m.get('loss'), '.4f')} | acc {fmt(m.get('accuracy'), '.3f')} "
             f"| nmi_prev {fmt(m.get('nmi_prev'), '.3f')} | nmi_gt {fmt(m.get('nmi_gt'), '.3f')} "
             f"| empty {m.get('empty_clusters')} | {clustered} | {m['t_cycle']:.1f}s "
             f"(extract {m['t_extract']:.1f} pca {m['t_pca']:.1f} kmeans {m['t_kmeans']:.1f} "
-            f"assign {m['t_assign']:.1f} train {m['t_train']:.1f})")
+            f"assign {m['t_assign']:.1f} train {m['t_train']:.1f}){knn}")
 
-
-def print_main(text: str) -> None:
-    print(text, flush=True)
-    sys.stdout.flush()
