@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from dcscale.errors import DcscaleError
@@ -40,6 +41,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
 def main(argv: list[str] | None = None) -> int:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
+    logging.basicConfig(level=logging.WARNING, format="dcscale: %(levelname)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("dcscale").setLevel(logging.INFO)
     try:
         parser, modules = build_parser()
         args = parser.parse_args(sys.argv[1:])

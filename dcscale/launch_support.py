@@ -15,14 +15,11 @@ from the newest one and ends exactly where an uninterrupted run would have.
 
 from __future__ import annotations
 
-import os
 import zlib
-from pathlib import Path
 
 import submitit
 
 from dcscale.config import Config, config_from_dict, config_to_dict
-from dcscale.train.checkpoint import checkpoint_dir
 
 # Mid-epoch checkpoints when the config has none: a preempted job then loses at most this many
 # steps (plus the start-up) instead of a whole epoch.
@@ -57,6 +54,8 @@ def job_resume(cfg: Config) -> str:
     """`auto`, unless the user asked to start from a given checkpoint and the run has none of its own yet."""
     if cfg.resume in (None, "auto"):
         return "auto"
+    from dcscale.train.checkpoint import checkpoint_dir  # (imports torch: only inside the job)
+
     has_own = (checkpoint_dir(cfg.output.dir) / "last.pt").is_file()
     return "auto" if has_own else cfg.resume
 

@@ -277,14 +277,25 @@ def wait_for(job, run_dir: Path) -> int:
         print(f"{PROG}: interrupted; job {job.job_id} cancelled", file=sys.stderr)
         return 130
     except Exception as err:
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        last = lines[-1].strip() if lines else type(err).__name__
-        print(f"{PROG}: error: job {job.job_id} failed: {last}; see {job.paths.stderr}", file=sys.stderr)
+        print(f"{PROG}: error: job {job.job_id} failed: {failure_line(err)}; see {job.paths.stderr}", file=sys.stderr)
         return 1
     final = results[0] or {}
     loss = f", final loss {final['loss']:.4f}" if isinstance(final.get("loss"), float) else ""
     print(f"{PROG}: job {job.job_id} done{loss}; logs {job.paths.stdout}; run dir {run_dir}")
     return 0
+
+
+def failure_line(err: Exception) -> str:
+    """The last line of the job's traceback (submitit wraps it between dashed lines), without the
+    module path of dcscale's own errors."""
+    text = str(err)
+    sections = [part for part in text.split("----------------------")]
+    trace = sections[1] if len(sections) >= 3 else text
+    lines = [line.strip() for line in trace.splitlines() if line.strip()]
+    last = lines[-1] if lines else type(err).__name__
+    for prefix in ("dcscale.errors.DcscaleError: ", "dcscale.errors.ConfigError: ", "dcscale.errors.DataError: "):
+        last = last.removeprefix(prefix)
+    return last
 
 
 if __name__ == "__main__":

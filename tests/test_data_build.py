@@ -58,7 +58,8 @@ def test_writing_is_reproducible(tmp_path, digits_train_shards):
     build_digits(tmp_path / "again", split="train", samples_per_shard=200)
     for shard in load_manifest(digits_train_shards).shards:
         assert (tmp_path / "again" / shard.name).read_bytes() == (digits_train_shards / shard.name).read_bytes()
-    assert (tmp_path / "again" / "manifest.json").read_bytes() == (digits_train_shards / "manifest.json").read_bytes()
+    for name in ("manifest.json", "index.npy"):
+        assert (tmp_path / "again" / name).read_bytes() == (digits_train_shards / name).read_bytes()
 
 
 def test_rebuild_in_place_replaces_old_shards(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dcscale.data.loaders import ClusterTrainDataset, collate_skip_none, extraction_loader, num_extraction_batches
-from dcscale.data.partition import rank_range, worker_range
+from dcscale.data.partition import extraction_batches, rank_range, worker_batches, worker_range
 from dcscale.data.shardset import ShardSet
 from dcscale.data.transforms import eval_transform, train_transform
 from dcscale.errors import ConfigError
@@ -32,6 +32,29 @@ def test_partition_covers_every_index_once(n, world, workers):
             seen.extend(piece)
     assert max(rank_sizes) - min(rank_sizes) <= 1
     assert seen == list(range(n))  # contiguous, in order, each exactly once
+
+
+@pytest.mark.parametrize("n, world, workers", CASES)
+@pytest.mark.parametrize("batch_size", [1, 4, 64])
+def test_extraction_batches_in_index_order_and_balanced(n, world, workers, batch_size):
+    for rank in range(world):
+        rr = rank_range(n, world, rank)
+        batches = extraction_batches(rr, workers, batch_size)
+        assert [i for _, b in batches for i in b] == list(rr)  # index order, each exactly once
+        assert all(0 < len(b) <= batch_size for _, b in batches)
+        per_worker = [worker_batches(rr, workers, w, batch_size) for w in range(max(workers, 1))]
+        totals = [sum(map(len, bs)) for bs in per_worker]
+        assert max(totals) - min(totals) <= 1  # balanced to within one sample
+        for bs in per_worker:  # shrinking batches: a worker that stops has nothing later
+            assert all(len(a) >= len(b) for a, b in zip(bs, bs[1:]))
+        # the DataLoader's round-robin over workers (skipping exhausted ones) gives this order
+        queues = [list(bs) for bs in per_worker]
+        round_robin = []
+        while any(queues):
+            for q in queues:
+                if q:
+                    round_robin.append(q.pop(0))
+        assert round_robin == [b for _, b in batches]
 
 
 def test_partition_rejects_bad_arguments():
@@ -60,13 +83,13 @@ def test_extraction_loader_covers_rank_slice(digits_test_shards, world, workers)
         loader = extraction_loader(ss, transform, rank, world, batch_size=32, num_workers=workers)
         indices, images = _collect(loader)
         expected = rank_range(len(ss), world, rank)
-        assert sorted(indices.tolist()) == list(expected) and loader.skipped == []
+        assert indices.tolist() == list(expected) and loader.skipped == []  # in index order
         assert images.shape == (len(expected), 1, 8, 8) and images.dtype == torch.float32
         for row in (0, len(indices) - 1):
             torch.testing.assert_close(images[row], transform(ss.read(int(indices[row])).image))
         again, _ = _collect(loader)
         assert torch.equal(indices, again)  # deterministic order
-        assert len(loader) >= -(-len(expected) // 32)
+        assert len(loader) >= -(-len(expected) // 32) and loader.num_batches == len(loader)
         everything.extend(indices.tolist())
     assert sorted(everything) == list(range(len(ss)))
 
@@ -76,7 +99,7 @@ def test_extraction_loader_reports_skipped_from_workers(tmp_path):
     loader = extraction_loader(ss, eval_transform(4, 1), rank=0, world_size=1, batch_size=4, num_workers=2)
     indices, images = _collect(loader)
     assert sorted(loader.skipped) == [2, 5, 11]
-    assert sorted(indices.tolist()) == [i for i in range(12) if i not in (2, 5, 11)]
+    assert indices.tolist() == [i for i in range(12) if i not in (2, 5, 11)]
     assert images.shape[0] == 9
     assert num_extraction_batches(12, 4, 2) == 4
 
@@ -86,7 +109,7 @@ def test_workers_with_empty_ranges(tmp_path):
     ss = ShardSet(_set_with_broken_image(tmp_path / "b", broken=()))
     loader = extraction_loader(ss, eval_transform(4, 1), rank=3, world_size=4, batch_size=2, num_workers=5)
     indices, _ = _collect(loader)  # 3 samples for 5 workers: two workers have nothing to do
-    assert sorted(indices.tolist()) == [9, 10, 11]
+    assert indices.tolist() == [9, 10, 11]
 
 
 def test_train_dataset_and_collate(tmp_path):

@@ -57,6 +57,20 @@ def test_shardset_pickles_into_another_process(digits_train_shards):
     np.testing.assert_array_equal(clone.labels(), ss.labels())
 
 
+def test_sidecar_index_and_fallback_scan(digits_train_shards, tmp_path):
+    fast = ShardSet(digits_train_shards)
+    assert fast.used_index_file
+    root = _copy(digits_train_shards, tmp_path / "d")
+    (root / "index.npy").write_bytes((root / "index.npy").read_bytes()[:-8])  # stale: size differs
+    scanned = ShardSet(root)
+    assert not scanned.used_index_file
+    np.testing.assert_array_equal(scanned.labels(), fast.labels())
+    for i in (0, 199, 200, 1436):
+        assert scanned.read_bytes(i) == fast.read_bytes(i)
+    (root / "index.npy").unlink()
+    assert not ShardSet(root).used_index_file
+
+
 def test_lazy_verification(digits_train_shards, tmp_path):
     root = _copy(digits_train_shards, tmp_path / "d")
     (root / "shard-000007.tar").unlink()

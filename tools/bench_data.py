@@ -12,7 +12,6 @@ preads); on cold network storage the gap grows. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import io
 import platform
 import tempfile
 import time
@@ -21,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from dcscale.data.build import write_shard_set
 from dcscale.data.converters import SourceData
 from dcscale.data.loaders import extraction_loader
-from dcscale.data.partition import worker_range
+from dcscale.data.partition import worker_batches
 from dcscale.data.shardset import ShardSet
 from dcscale.data.transforms import eval_transform
 
@@ -71,16 +70,15 @@ def decode_file(path: Path):
 
 
 class FolderExtraction(torch.utils.data.IterableDataset):
-    """The folder counterpart of the extraction loader: each worker decodes its contiguous piece."""
+    """The folder counterpart of the extraction loader: the same batches on the same workers."""
 
     def __init__(self, files, transform, batch_size):
         self.files, self.transform, self.batch_size = files, transform, batch_size
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        mine = worker_range(range(len(self.files)), info.num_workers, info.id) if info else range(len(self.files))
-        for start in range(mine.start, mine.stop, self.batch_size):
-            chunk = range(start, min(start + self.batch_size, mine.stop))
+        workers, me = (info.num_workers, info.id) if info else (1, 0)
+        for chunk in worker_batches(range(len(self.files)), workers, me, self.batch_size):
             yield torch.stack([self.transform(Image.open(self.files[i])) for i in chunk])
 
 

@@ -21,10 +21,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dcscale.config import Config, all_keys, config_to_dict, load_config, parse_override
-from dcscale.errors import ConfigError, DataError, DcscaleError
+from dcscale.errors import ConfigError, DataError
 from dcscale.eval import features as ft
 
 VARY_EXAMPLES = "cluster.k=10,50,100,500, cluster.pca_dim=..., model.arch=..., model.sobel=..."

@@ -234,6 +234,12 @@ def train_cycle(model, body_opt, head_opt, shards, train_tf, env, cfg: Config, s
                                f"{run_dir / 'checkpoints'})") from None
         state.epoch += 1
         state.step = 0
+    if env.distributed:
+        # DDP copies rank 0's buffers into the others before each forward, so after the last step every
+        # rank's BN running stats also hold its own last batch. Extraction (no DDP) must use rank 0's, the
+        # ones a checkpoint holds, or a run resumed at a cycle boundary clusters different features.
+        for buf in model.buffers():
+            torch.distributed.broadcast(buf, src=0)
     state.cycle_metrics["t_train"] = t_before + time.perf_counter() - t_start
 
 

@@ -1,0 +1,263 @@
+"""Readers for the datasets `dcscale shards` converts, from files already on disk (never downloaded).
+
+Each reader returns a `SourceData`: the samples in their fixed order (images as uint8 arrays or
+already-encoded files, with labels or None) and what the manifest says about them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dcscale.data.writers import Encoded, channels_of_mode
+from dcscale.errors import DataError
+
+SPLITS = ("train", "test")
+DIGITS_SPLIT_SEED = 0
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]
+FOLDER_IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+KEEP_EXTS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpeg", ".webp": "webp"}
+
+
+@dataclass
+class SourceData:
+    samples: Iterable[tuple[np.ndarray | Image.Image | Encoded, int | None]]
+    num_samples: int | None  # when known up front
+    class_names: list[str] | None  # None: no labels
+    description: str
+    skipped: list[str] | None = None  # files that could not be read (folder), filled while iterating
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+
+
+# ---- digits (scikit-learn's bundled copy) ------------------------------------------------------
+
+def digits_split_indices(split: str) -> np.ndarray:
+    """Fixed split of the 1797 digits: a seeded permutation, every fifth position is test."""
+    _check_split(split)
+    from sklearn.datasets import load_digits
+
+    n = len(load_digits().target)
+    order = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(n)
+    test = np.sort(order[::5])
+    if split == "test":
+        return test
+    return np.setdiff1d(np.arange(n), test)  # sorted
+
+
+def read_digits(split: str = "train") -> SourceData:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    chosen = digits_split_indices(split)
+    # 0..16 intensities -> 0..255, rounded (exactly invertible for the tests)
+    pixels = np.round(digits.images[chosen] * 255.0 / 16.0).astype(np.uint8)
+    labels = digits.target[chosen].astype(int)
+    return SourceData(
+        samples=zip(pixels, labels.tolist()),
+        num_samples=len(chosen),
+        class_names=[str(d) for d in range(10)],
+        description=f"digits: scikit-learn load_digits 8x8, split={split} (seed {DIGITS_SPLIT_SEED}, test = every 5th)",
+    )
+
+
+# ---- CIFAR-10 python batches -----------------------------------------------------------------
+
+def _cifar_dir(path: Path) -> Path:
+    for candidate in (path, path / "cifar-10-batches-py"):
+        if (candidate / "batches.meta").is_file() or (candidate / "test_batch").is_file():
+            return candidate
+    raise DataError(f"{path}: no CIFAR-10 python batches (data_batch_1..5, test_batch, batches.meta); "
+                    f"extract cifar-10-python.tar.gz there")
+
+
+def _unpickle(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"CIFAR-10 file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except Exception as err:
+        raise DataError(f"{path}: not a CIFAR-10 python batch ({err})") from None
+
+
+def _get(batch: dict, name: str, path: Path):
+    for key in (name.encode(), name):
+        if key in batch:
+            return batch[key]
+    raise DataError(f"{path}: no '{name}' entry")
+
+
+def read_cifar10(path: str | Path, split: str = "train") -> SourceData:
+    _check_split(split)
+    root = _cifar_dir(Path(path))
+    files = [root / f"data_batch_{i}" for i in range(1, 6)] if split == "train" else [root / "test_batch"]
+    images, labels = [], []
+    for file in files:
+        batch = _unpickle(file)
+        data = np.asarray(_get(batch, "data", file), dtype=np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise DataError(f"{file}: expected rows of 3072 bytes, got shape {data.shape}")
+        # rows are the R, G and B 32x32 planes one after the other
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.extend(int(v) for v in _get(batch, "labels", file))
+    class_names = [str(i) for i in range(10)]
+    if (root / "batches.meta").is_file():
+        meta = _unpickle(root / "batches.meta")
+        names = _get(meta, "label_names", root / "batches.meta")
+        class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    pixels = np.concatenate(images)
+    return SourceData(samples=zip(pixels, labels), num_samples=len(labels), class_names=class_names,
+                      description=f"cifar10: python batches in {root}, split={split}")
+
+
+# ---- SVHN .mat -----------------------------------------------------------------------------------
+
+def read_svhn(path: str | Path, split: str = "train") -> SourceData:
+    _check_split(split)
+    path = Path(path)
+    file = path if path.is_file() else path / f"{split}_32x32.mat"
+    if not file.is_file():
+        raise DataError(f"SVHN file not found: {file}")
+    import scipy.io
+
+    try:
+        mat = scipy.io.loadmat(file)
+    except Exception as err:
+        raise DataError(f"{file}: not a readable .mat file ({err})") from None
+    if "X" not in mat or "y" not in mat:
+        raise DataError(f"{file}: expected variables X and y (SVHN cropped digits format)")
+    x = np.asarray(mat["X"])
+    if x.ndim != 4 or x.shape[2] != 3:
+        raise DataError(f"{file}: X should be 32x32x3xN, got shape {x.shape}")
+    pixels = np.ascontiguousarray(x.transpose(3, 0, 1, 2)).astype(np.uint8)  # N,H,W,C
+    labels = np.asarray(mat["y"]).reshape(-1).astype(int) % 10  # SVHN stores digit 0 as label 10
+    if len(labels) != len(pixels):
+        raise DataError(f"{file}: {len(pixels)} images but {len(labels)} labels")
+    return SourceData(samples=zip(pixels, labels.tolist()), num_samples=len(labels),
+                      class_names=[str(d) for d in range(10)], description=f"svhn: {file}")
+
+
+# ---- MNIST / Fashion-MNIST idx files ---------------------------------------------------------------
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(file: Path) -> np.ndarray:
+    """Parse an idx file (optionally gzipped): magic 0 0 dtype ndim, big-endian dims, data."""
+    opener = gzip.open if file.suffix == ".gz" else open
+    try:
+        with opener(file, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise DataError(f"{file}: cannot read ({err})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{file}: not an idx file")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    body = raw[4 + 4 * ndim:]
+    if len(body) != expected:
+        raise DataError(f"{file}: {len(body)} data bytes, header says {expected}")
+    return np.frombuffer(body, dtype=dtype).reshape(dims)
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    # torchvision keeps the files under MNIST/raw or FashionMNIST/raw; some mirrors use '.' for '-'.
+    names = [stem, stem.replace("-idx", ".idx")]
+    dirs = [root, root / "raw", root / "MNIST" / "raw", root / "FashionMNIST" / "raw"]
+    for directory in dirs:
+        for name in names:
+            for suffix in ("", ".gz"):
+                if (directory / (name + suffix)).is_file():
+                    return directory / (name + suffix)
+    raise DataError(f"{root}: no {stem}[.gz] (looked in {', '.join(str(d) for d in dirs[:2])}, ...)")
+
+
+def read_mnist(path: str | Path, split: str = "train", variant: str = "mnist") -> SourceData:
+    _check_split(split)
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"{variant} directory not found: {root}")
+    prefix = "train" if split == "train" else "t10k"
+    image_file = _find_idx(root, f"{prefix}-images-idx3-ubyte")
+    label_file = _find_idx(root, f"{prefix}-labels-idx1-ubyte")
+    images, labels = read_idx(image_file), read_idx(label_file)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise DataError(f"{image_file}: expected N x H x W uint8 images, got {images.shape} {images.dtype}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{label_file}: {len(labels)} labels for {len(images)} images in {image_file}")
+    class_names = FASHION_CLASSES if variant == "fashion-mnist" else [str(d) for d in range(10)]
+    return SourceData(samples=zip(images, labels.astype(int).tolist()), num_samples=len(labels),
+                      class_names=class_names, description=f"{variant}: idx files {image_file.name} in {image_file.parent}")
+
+
+# ---- a folder of images ----------------------------------------------------------------------------
+
+def _images_in(directory: Path, recursive: bool) -> list[Path]:
+    walker = directory.rglob("*") if recursive else directory.iterdir()
+    return sorted(p for p in walker if p.is_file() and p.suffix.lower() in FOLDER_IMAGE_EXTS)
+
+
+def read_folder(path: str | Path, keep_encoded: bool) -> SourceData:
+    """ImageFolder-style (one subfolder per class, searched recursively; labels by sorted class
+    name) or flat (images directly in the folder, no labels). Files in sorted order.
+
+    keep_encoded: PNG/JPEG/WebP files are stored as they are (no re-compression); other formats,
+    or all files when False, are decoded here and re-encoded by the writer.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and _images_in(d, recursive=True))
+    flat = _images_in(root, recursive=False)
+    if class_dirs and flat:
+        raise DataError(f"{root}: has both class subfolders and loose images; use one layout")
+    if class_dirs:
+        class_names = [d.name for d in class_dirs]
+        files = [(f, label) for label, d in enumerate(class_dirs) for f in _images_in(d, recursive=True)]
+        layout = f"{len(class_names)} class subfolders"
+    elif flat:
+        class_names = None
+        files = [(f, None) for f in flat]
+        layout = "flat, no labels"
+    else:
+        raise DataError(f"{root}: no images found ({', '.join(FOLDER_IMAGE_EXTS)})")
+    skipped: list[str] = []
+    return SourceData(samples=_folder_samples(files, keep_encoded, skipped), num_samples=None,
+                      class_names=class_names, description=f"folder: {root} ({layout})", skipped=skipped)
+
+
+def _folder_samples(files: list[tuple[Path, int | None]], keep_encoded: bool,
+                    skipped: list[str]) -> Iterator[tuple[Image.Image | Encoded, int | None]]:
+    import logging
+
+    log = logging.getLogger(__name__)
+    for file, label in files:
+        try:
+            data = file.read_bytes()
+            with Image.open(file) as image:
+                if keep_encoded and file.suffix.lower() in KEEP_EXTS:
+                    shape = (channels_of_mode(image.mode), image.height, image.width)
+                    image.verify()  # checks the file without a full decode; decoding happens at training
+                    item = Encoded(data=data, ext=KEEP_EXTS[file.suffix.lower()], shape=shape)
+                else:
+                    image.load()
+                    item = image.copy()
+        except Exception as err:  # an unreadable file is reported and left out of the shard set
+            log.warning("skipping unreadable image %s: %s", file, err)
+            skipped.append(str(file))
+            continue
+        yield item, label
