@@ -156,7 +156,7 @@ def load_job_config(args):
 
 # ---- executors -----------------------------------------------------------------------------------------
 
-def slurm_parameters(args, cfg) -> dict:
+def slurm_parameters(args) -> dict:
     """submitit SlurmExecutor parameters (sbatch names)."""
     params = {
         "job_name": args.name, "nodes": args.nodes, "ntasks_per_node": args.tasks_per_node,
@@ -181,12 +181,12 @@ def local_parameters(args) -> dict:
     return params
 
 
-def make_executor(args, cfg):
+def make_executor(args):
     import submitit
 
     if args.cluster == "slurm":
         executor = submitit.SlurmExecutor(folder=args.job_dir, max_num_timeout=args.max_requeues)
-        executor.update_parameters(**slurm_parameters(args, cfg))
+        executor.update_parameters(**slurm_parameters(args))
     elif args.cluster == "local":
         executor = submitit.LocalExecutor(folder=args.job_dir, max_num_timeout=args.max_requeues)
         executor.update_parameters(**local_parameters(args))
@@ -195,7 +195,7 @@ def make_executor(args, cfg):
     return executor
 
 
-def dry_run_text(args, cfg) -> str:
+def dry_run_text(args) -> str:
     """What would be submitted: the sbatch script (SLURM) or the local executor's parameters."""
     import submitit
 
@@ -203,7 +203,7 @@ def dry_run_text(args, cfg) -> str:
     if args.cluster == "slurm":
         from submitit.slurm.slurm import _make_sbatch_string
 
-        return _make_sbatch_string(command=command, folder=args.job_dir, **slurm_parameters(args, cfg))
+        return _make_sbatch_string(command=command, folder=args.job_dir, **slurm_parameters(args))
     params = local_parameters(args) if args.cluster == "local" else {"tasks_per_node": 1}
     lines = [f"submitit {args.cluster} executor (submitit {submitit.__version__}), folder {args.job_dir}"]
     lines += [f"  {k}: {v}" for k, v in params.items()]
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# dry run: nothing submitted. {args.cluster} job '{args.name}': {shape}")
         print(f"# run dir {run_dir}; logs in {args.job_dir}")
         print("# ---- job ----")
-        print(dry_run_text(args, cfg))
+        print(dry_run_text(args))
         print("# ---- config the job runs ----")
         print(dump_config(cfg), end="")
         print(f"{PROG}: dry run, nothing submitted ({args.cluster}, {tasks} task(s), run dir {run_dir})")
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     from dcscale.launch_support import TrainJob
 
     try:
-        executor = make_executor(args, cfg)
+        executor = make_executor(args)
         job = executor.submit(TrainJob(config_to_dict(cfg)))
     except Exception as err:  # sbatch refused the job: say why on one line
         print(f"{PROG}: error: submission failed: {' '.join(str(err).split())}", file=sys.stderr)

@@ -30,9 +30,9 @@ def _cycle_outputs(shard_dir: str, out_file: str | None = None) -> dict:
     indices, feats, skipped = phases.extract_features(model.features, shards, tf, env, batch_size=64,
                                                       workers=1)
     z, _ = phases.reduce_features(indices, feats, len(shards), pca_dim=16, pca_sample=None, seed=3)
-    centroids, objective = phases.cluster_rows(indices, z, len(shards), k=10, niter=10,
-                                               max_points_per_centroid=None, seed=3)
-    labels = phases.assign_labels(indices, z, centroids, len(shards))
+    centroids, _ = phases.cluster_rows(indices, z, len(shards), k=10, niter=10,
+                                       max_points_per_centroid=None, seed=3)
+    labels, objective = phases.assign_labels(indices, z, centroids, len(shards))
     out = {"indices": indices, "feats": feats, "labels": labels, "centroids": centroids,
            "objective": np.array(objective), "skipped": np.array(skipped, dtype=np.int64)}
     if out_file:
@@ -86,3 +86,6 @@ def test_labels_identical_on_all_ranks_and_equal_to_single_process(two_rank_outp
     assert r0["labels"].dtype == np.int32 and len(r0["labels"]) == len(one_rank_outputs["labels"])
     assert (r0["labels"] >= 0).all() and r0["labels"].max() < 10
     np.testing.assert_array_equal(r0["labels"], one_rank_outputs["labels"])
+    # The objective is the mean over all rows, summed across ranks: the same at any world size.
+    assert float(r0["objective"]) == pytest.approx(float(one_rank_outputs["objective"]), rel=1e-5)
+    assert float(r0["objective"]) == float(r1["objective"]) > 0

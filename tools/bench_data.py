@@ -26,7 +26,7 @@ from dcscale.data.build import write_shard_set
 from dcscale.data.converters import SourceData
 from dcscale.data.loaders import extraction_loader
 from dcscale.data.partition import worker_batches
-from dcscale.data.shardset import ShardSet
+from dcscale.data.shardset import ShardSet, decode_uint8
 from dcscale.data.transforms import eval_transform
 
 
@@ -70,7 +70,8 @@ def decode_file(path: Path):
 
 
 class FolderExtraction(torch.utils.data.IterableDataset):
-    """The folder counterpart of the extraction loader: the same batches on the same workers."""
+    """The folder counterpart of the extraction loader: the same batches on the same workers, the
+    same decode (bytes -> uint8 tensor) and batch transform; only the storage differs."""
 
     def __init__(self, files, transform, batch_size):
         self.files, self.transform, self.batch_size = files, transform, batch_size
@@ -79,7 +80,20 @@ class FolderExtraction(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         workers, me = (info.num_workers, info.id) if info else (1, 0)
         for chunk in worker_batches(range(len(self.files)), workers, me, self.batch_size):
-            yield torch.stack([self.transform(Image.open(self.files[i])) for i in chunk])
+            images = [decode_uint8(self.files[i].read_bytes(), self.files[i].suffix[1:], self.transform.channels)
+                      for i in chunk]
+            yield self.transform.collate(images)
+
+
+class Finished:
+    """Runs the transform's batch float work in the main process, as the extraction loader does."""
+
+    def __init__(self, loader, transform):
+        self.loader, self.transform = loader, transform
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield self.transform.finish(batch)
 
 
 def main() -> None:
@@ -102,10 +116,11 @@ def main() -> None:
             path.read_bytes()
         for i in range(n):
             ss.read_bytes(i)
+        ss.read_uint8(0, 3)  # load the decoder extension before timing
 
         transform = eval_transform(args.size, 3)
-        folder_loader = DataLoader(FolderExtraction(files, transform, args.batch_size), batch_size=None,
-                                   num_workers=args.workers)
+        folder_loader = Finished(DataLoader(FolderExtraction(files, transform, args.batch_size), batch_size=None,
+                                            num_workers=args.workers), transform)
         shard_loader = extraction_loader(ss, transform, 0, 1, args.batch_size, args.workers)
 
         def drain(loader):
@@ -119,10 +134,12 @@ def main() -> None:
         rows = [
             ("extraction order, bytes only", lambda: each(ss.read_bytes, range(n)),
              lambda: each(Path.read_bytes, files)),
-            ("extraction order, decoded", lambda: each(ss.read, range(n)), lambda: each(decode_file, files)),
+            ("extraction order, decoded (PIL)", lambda: each(ss.read, range(n)), lambda: each(decode_file, files)),
+            ("extraction order, decoded (uint8 tensor)", lambda: each(lambda i: ss.read_uint8(i, 3), range(n)),
+             lambda: each(lambda f: decode_uint8(f.read_bytes(), "png", 3), files)),
             ("random access, bytes only", lambda: each(ss.read_bytes, order),
              lambda: each(Path.read_bytes, [files[i] for i in order])),
-            ("random access, decoded", lambda: each(ss.read, order),
+            ("random access, decoded (PIL)", lambda: each(ss.read, order),
              lambda: each(decode_file, [files[i] for i in order])),
             (f"extraction DataLoader ({args.workers} workers, to tensors)", lambda: drain(shard_loader),
              lambda: drain(folder_loader)),

@@ -82,10 +82,9 @@ def cycle0_labels(cfg: Config, feats: np.ndarray, indices: np.ndarray, n_total: 
 
     seed = cycle_seed(cfg.seed, 0)
     z, _ = reduce_features(indices, feats, n_total, cfg.cluster.pca_dim, cfg.cluster.pca_sample, seed)
-    centroids, objective = cluster_rows(indices, z, n_total, cfg.cluster.k, cfg.cluster.niter,
-                                        cfg.cluster.max_points_per_centroid, seed)
-    labels = assign_labels(indices, z, centroids, n_total)
-    return labels, objective
+    centroids, _ = cluster_rows(indices, z, n_total, cfg.cluster.k, cfg.cluster.niter,
+                                cfg.cluster.max_points_per_centroid, seed)
+    return assign_labels(indices, z, centroids, n_total)
 
 
 def sample_ia(base: Config, key: str, values: list, seeds: int, env, shardset, log=print,

@@ -27,7 +27,7 @@ from dcscale import dist
 from dcscale.cluster.kmeans import cycle_seed
 from dcscale.cluster.metrics import cluster_stats, nmi
 from dcscale.config import Config, config_to_dict, save_config
-from dcscale.data.loaders import ClusterTrainDataset, collate_skip_none
+from dcscale.data.loaders import SeededDraws
 from dcscale.data.sampler import UniformClusterSampler
 from dcscale.data.shardset import ShardSet
 from dcscale.data.transforms import eval_transform, train_transform
@@ -99,7 +99,7 @@ def train(cfg: Config) -> dict:
                 state.skipped_images = skipped
                 state.cycle_metrics.update(cluster_metrics)
                 if env.is_main:
-                    np.save(run_dir / "labels.npy", state.labels)
+                    save_labels(state.labels, run_dir / "labels.npy")
             else:
                 state.cycle_metrics.update({"t_extract": 0.0, "t_pca": 0.0, "t_kmeans": 0.0, "t_assign": 0.0,
                                             "objective": None})
@@ -137,6 +137,13 @@ def train(cfg: Config) -> dict:
     return history[-1] if history else {}
 
 
+def save_labels(labels: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, labels)
+    tmp.replace(path)
+
+
 def input_shape(shards: ShardSet, cfg: Config) -> tuple[int, int]:
     channels = shards.channels
     image_size = cfg.data.image_size or shards.image_size
@@ -158,10 +165,10 @@ def cluster_cycle(model, shards, eval_tf, env, cfg: Config, cycle: int) -> tuple
     z, _ = phases.reduce_features(indices, feats, n_total, cfg.cluster.pca_dim, cfg.cluster.pca_sample, seed)
     del feats
     t2 = time.perf_counter()
-    centroids, objective = phases.cluster_rows(indices, z, n_total, cfg.cluster.k, cfg.cluster.niter,
+    centroids, _ = phases.cluster_rows(indices, z, n_total, cfg.cluster.k, cfg.cluster.niter,
                                                cfg.cluster.max_points_per_centroid, seed)
     t3 = time.perf_counter()
-    labels = phases.assign_labels(indices, z, centroids, n_total)
+    labels, objective = phases.assign_labels(indices, z, centroids, n_total)
     t4 = time.perf_counter()
     n_skipped = int(dist.all_reduce_sum([len(skipped)])[0])
     if n_skipped and env.is_main:
@@ -200,7 +207,8 @@ def train_cycle(model, body_opt, head_opt, shards, train_tf, env, cfg: Config, s
     Adds the seconds spent to state.cycle_metrics["t_train"] (which survives a mid-epoch resume).
     """
     ddp = DistributedDataParallel(model) if env.distributed else model
-    dataset = DrawSeeded(ClusterTrainDataset(shards, state.labels, train_tf), cfg.seed, state.cycle)
+    # augmentation seeded by (seed, cycle, epoch, draw position), applied to whole uint8 batches
+    dataset = SeededDraws(shards, state.labels, train_tf, cfg.seed, state.cycle)
     t_before = state.cycle_metrics.get("t_train", 0.0)
     t_start = time.perf_counter()
     while state.epoch < cfg.train.epochs_per_cycle:
@@ -212,7 +220,7 @@ def train_cycle(model, body_opt, head_opt, shards, train_tf, env, cfg: Config, s
         dataset.epoch = state.epoch
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=cfg.train.batch_size, sampler=WithPositions(sampler, start),
-            num_workers=cfg.data.workers, collate_fn=collate_skip_none,
+            num_workers=cfg.data.workers, collate_fn=dataset.collate,
             generator=torch.Generator().manual_seed(epoch_seed))
         if state.step == 0:
             torch.manual_seed(epoch_seed)  # dropout masks; restored from the checkpoint mid-epoch
@@ -294,23 +302,6 @@ class WithPositions(torch.utils.data.Sampler):
 
     def __len__(self):
         return len(self.sampler)
-
-
-class DrawSeeded(torch.utils.data.Dataset):
-    """Applies the augmentation of draw (cycle, epoch, position) with its own seed, whatever worker
-    process happens to load it."""
-
-    def __init__(self, dataset, seed: int, cycle: int):
-        self.dataset, self.seed, self.cycle, self.epoch = dataset, seed, cycle, 0
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, item):
-        position, index = item
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.cycle, self.epoch, position)) & 0x7FFF_FFFF_FFFF_FFFF)
-            return self.dataset[index]
 
 
 def checkpoint_state(model, body_opt, head_opt, state: RunState, cfg: Config, channels: int, image_size: int) -> dict:

@@ -38,8 +38,10 @@ def extract_features(model_fn, shardset, transform, env: dist.DistEnv, batch_siz
 
     Returns (global indices int64 [n_r], features [n_r, D] in `dtype`, skipped global indices).
     """
+    # The transform's float work (resize, crop, normalise) runs on env.device, on whole batches.
     loader = extraction_loader(shardset, transform, rank=env.rank, world_size=env.world_size,
-                               batch_size=batch_size, num_workers=workers)
+                               batch_size=batch_size, num_workers=workers,
+                               pin_memory=torch.device(env.device).type == "cuda", device=env.device)
     np_dtype = np.float16 if dtype == "float16" else np.float32
     index_parts, feat_parts = [], []
     total = getattr(loader, "num_batches", None)
@@ -83,7 +85,8 @@ def cluster_rows(indices: np.ndarray, z: np.ndarray, n_total: int, k: int, niter
                  max_points_per_centroid: int | None, seed: int) -> tuple[np.ndarray, float]:
     """k-means on rank 0 over the (possibly subsampled) training rows of every rank; centroids to all.
 
-    Returns (centroids [K, d], objective). Other ranks wait on a long-timeout barrier meanwhile.
+    Returns (centroids [K, d], faiss's training objective). Other ranks wait on a long-timeout
+    barrier meanwhile.
     """
     chosen = training_row_indices(n_total, k, max_points_per_centroid, seed)
     local = z if chosen is None else z[_rows_in(indices, chosen)]
@@ -99,17 +102,20 @@ def cluster_rows(indices: np.ndarray, z: np.ndarray, n_total: int, k: int, niter
     return centroids, objective
 
 
-def assign_labels(indices: np.ndarray, z: np.ndarray, centroids: np.ndarray, n_total: int) -> np.ndarray:
+def assign_labels(indices: np.ndarray, z: np.ndarray, centroids: np.ndarray, n_total: int) -> tuple[np.ndarray, float]:
     """Nearest centroid for this rank's rows, then the full N-long int32 label array on every rank.
 
+    Also returns the k-means objective over every row (mean squared distance to its centroid), which,
+    unlike faiss's training objective, compares across cycles and across exact vs subsampled training.
     Samples that could not be decoded keep label -1 and are never drawn for training.
     """
-    local_labels, _ = assign(np.ascontiguousarray(z, dtype=np.float32), centroids)
+    local_labels, sq_dist = assign(np.ascontiguousarray(z, dtype=np.float32), centroids)
     pairs = np.stack([indices.astype(np.int64), local_labels.astype(np.int64)], axis=1)
     everything = dist.all_gather_rows(pairs)
     labels = np.full(n_total, -1, dtype=np.int32)
     labels[everything[:, 0]] = everything[:, 1]
-    return labels
+    dist_sum, rows = dist.all_reduce_sum([float(np.sum(sq_dist, dtype=np.float64)), len(sq_dist)])
+    return labels, dist_sum / max(rows, 1)
 
 
 def train_steps(ddp_model, loader, optimizers, env: dist.DistEnv, start_step: int, on_step,
