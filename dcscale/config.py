@@ -304,6 +304,29 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, parsed
 
 
+def parse_value_list(spec: str, option: str, example: str) -> tuple[str, list]:
+    """'cluster.k=10,50' -> ('cluster.k', [10, 50]) for --vary/--grid; each value parsed as YAML."""
+    if "=" not in spec:
+        raise ConfigError(f"{option} '{spec}': expected KEY=V1,V2,..., e.g. {example}")
+    key, _, values = spec.partition("=")
+    key = key.strip()
+    if key not in all_keys():
+        raise ConfigError(f"{option} '{spec}': unknown config key '{key}'")
+    parsed = [parse_override(f"{key}={v.strip()}")[1] for v in values.split(",") if v.strip()]
+    if not parsed:
+        raise ConfigError(f"{option} '{spec}': no values")
+    return key, parsed
+
+
+def format_value(value: Any) -> str:
+    """A value as written in a key=value override (YAML: null, true, 0.05)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def _set_nested(raw: dict, key: str, value: Any, source: str) -> None:
     parts = key.split(".")
     node = raw

@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dcscale.config import all_keys, load_config, parse_override
+from dcscale.config import format_value, load_config, parse_value_list
 from dcscale.errors import ConfigError, DcscaleError
 from dcscale.eval.report import read_metrics
 
@@ -52,35 +52,15 @@ class Point:
 
 def parse_grid(specs: list[str]) -> dict[str, list]:
     """['cluster.k=10,50'] -> {'cluster.k': [10, 50]} (each value parsed as YAML, like overrides)."""
-    grid: dict[str, list] = {}
-    for spec in specs:
-        if "=" not in spec:
-            raise ConfigError(f"--grid '{spec}': expected key=v1,v2,..., e.g. cluster.halt_after=1,10,30")
-        key, _, values = spec.partition("=")
-        key = key.strip()
-        if key not in all_keys():
-            raise ConfigError(f"--grid '{spec}': unknown config key '{key}'")
-        parsed = [parse_override(f"{key}={v.strip()}")[1] for v in values.split(",") if v.strip()]
-        if not parsed:
-            raise ConfigError(f"--grid '{spec}': no values")
-        grid[key] = parsed
+    grid = dict(parse_value_list(spec, "--grid", "cluster.halt_after=1,10,30") for spec in specs)
     if not grid:
         raise ConfigError("give at least one --grid key=v1,v2,...")
     return grid
 
 
-def _fmt(value) -> str:
-    """A value as written on a command line (YAML: null, true, 0.05)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
 def run_name(values: dict) -> str:
     """{'cluster.halt_after': 10} -> 'halt_after-10' (a readable, filesystem-safe directory name)."""
-    parts = [f"{k.rsplit('.', 1)[-1]}-{_fmt(v)}" for k, v in values.items()]
+    parts = [f"{k.rsplit('.', 1)[-1]}-{format_value(v)}" for k, v in values.items()]
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "__".join(parts))
 
 
@@ -91,7 +71,7 @@ def make_points(args, grid: dict[str, list]) -> list[Point]:
     for combo in itertools.product(*grid.values()):
         values = dict(zip(grid, combo))
         run_dir = (out / "runs" / run_name(values)).resolve()
-        overrides = [*args.set, *(f"{k}={_fmt(v)}" for k, v in values.items()), f"output.dir={run_dir}"]
+        overrides = [*args.set, *(f"{k}={format_value(v)}" for k, v in values.items()), f"output.dir={run_dir}"]
         cfg = load_config(args.config, overrides)
         point = Point(values, run_dir)
         point.commands.append(train_command(args.config, overrides, args.nproc))
@@ -195,7 +175,7 @@ def run_submitit(points: list[Point], args) -> None:
 
 def collect_point(point: Point) -> dict:
     """One CSV row: the grid values, status, the last cycle's metrics, total time, probe accuracy."""
-    row: dict[str, object] = {k: _fmt(v) for k, v in point.values.items()}
+    row: dict[str, object] = {k: format_value(v) for k, v in point.values.items()}
     row["run_dir"] = str(point.run_dir)
     try:
         metrics = read_metrics(point.run_dir)
@@ -254,24 +234,24 @@ def write_plot(rows: list[dict], grid: dict[str, list], path: Path) -> None:
     x_key, others = keys[0], keys[1:]
     xs_all = grid[x_key]
     numeric = _numeric(xs_all)
-    position = {_fmt(v): (v if numeric else i) for i, v in enumerate(xs_all)}
+    position = {format_value(v): (v if numeric else i) for i, v in enumerate(xs_all)}
     metrics = [m for m in PLOT_KEYS if any(isinstance(r.get(m), (int, float)) for r in rows)] or ["cycles"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for combo in itertools.product(*(grid[k] for k in others)):
-            sub = [r for r in rows if all(r[k] == _fmt(v) for k, v in zip(others, combo))]
+            sub = [r for r in rows if all(r[k] == format_value(v) for k, v in zip(others, combo))]
             pts = [(position[r[x_key]], r[metric]) for r in sub
                    if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
             if not pts:
                 continue
             pts.sort()
-            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in zip(others, combo)) or None
+            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={format_value(v)}" for k, v in zip(others, combo)) or None
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         ax.set_xlabel(x_key)
         ax.set_ylabel(metric)
         ax.set_title(metric)
         if not numeric:
-            ax.set_xticks(range(len(xs_all)), [_fmt(v) for v in xs_all])
+            ax.set_xticks(range(len(xs_all)), [format_value(v) for v in xs_all])
         ax.grid(alpha=0.3)
         if others:
             ax.legend(fontsize="small")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dcscale.config import Config, all_keys, config_to_dict, load_config, parse_override
+from dcscale.config import Config, config_to_dict, format_value, load_config, parse_value_list
 from dcscale.errors import ConfigError, DataError
 from dcscale.eval import features as ft
 
@@ -31,24 +31,7 @@ VARY_EXAMPLES = "cluster.k=10,50,100,500, cluster.pca_dim=..., model.arch=..., m
 
 def parse_vary(spec: str) -> tuple[str, list]:
     """'cluster.k=10,50' -> ('cluster.k', [10, 50]); values parsed as YAML (null, true, 0.5)."""
-    if "=" not in spec:
-        raise ConfigError(f"--vary '{spec}': expected KEY=V1,V2,..., e.g. {VARY_EXAMPLES}")
-    key, _, values = spec.partition("=")
-    key = key.strip()
-    if key not in all_keys():
-        raise ConfigError(f"--vary '{spec}': unknown config key '{key}'")
-    parsed = [parse_override(f"{key}={v.strip()}")[1] for v in values.split(",") if v.strip()]
-    if not parsed:
-        raise ConfigError(f"--vary '{spec}': no values")
-    return key, parsed
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+    return parse_value_list(spec, "--vary", VARY_EXAMPLES)
 
 
 def alignment(gt: np.ndarray, pseudo: np.ndarray) -> float:
@@ -121,12 +104,12 @@ def sample_ia(base: Config, key: str, values: list, seeds: int, env, shardset, l
                       "empty_clusters": int((counts == 0).sum()),
                       "t_extract": round(t1 - t0, 3), "t_cluster": round(time.perf_counter() - t1, 3)}
             samples.append(sample)
-            log(f"ia {key}={_fmt(value)} seed {cfg.seed}: IA {ia:.4f} "
+            log(f"ia {key}={format_value(value)} seed {cfg.seed}: IA {ia:.4f} "
                 f"(empty {sample['empty_clusters']}, {sample['t_extract']:.1f}+{sample['t_cluster']:.1f} s)")
             if labels_dir is not None and env.is_main:
                 labels_dir.mkdir(parents=True, exist_ok=True)
-                np.save(labels_dir / f"{key}={_fmt(value)}_seed{cfg.seed}.npy", labels)
-            name = _fmt(value)
+                np.save(labels_dir / f"{key}={format_value(value)}_seed{cfg.seed}.npy", labels)
+            name = format_value(value)
             if keep_best and (name not in best or ia > best[name]["ia"]):
                 best[name] = {"ia": ia, "seed": cfg.seed, "value": value, "config": config_to_dict(cfg),
                               "image_shape": [channels, size, size],
@@ -138,7 +121,7 @@ def _with(base: Config, key: str, value, seed: int) -> Config:
     from dcscale.config import config_from_dict
 
     raw = config_to_dict(base)
-    return config_from_dict(raw, [f"{key}={_fmt(value)}", f"seed={seed}"], source="--vary")
+    return config_from_dict(raw, [f"{key}={format_value(value)}", f"seed={seed}"], source="--vary")
 
 
 # ---- outputs -------------------------------------------------------------------------------------
@@ -149,8 +132,8 @@ def write_boxplot(key: str, values: list, samples: list[dict], recommended: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [_fmt(v) for v in values]
-    data = [[s["ia"] for s in samples if _fmt(s["value"]) == n] for n in names]
+    names = [format_value(v) for v in values]
+    data = [[s["ia"] for s in samples if format_value(s["value"]) == n] for n in names]
     fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) + 2), 4))
     ax.boxplot(data, showfliers=True)
     ax.set_xticks(range(1, len(names) + 1), names)
@@ -173,11 +156,11 @@ def write_tensorboard(key: str, values: list, samples: list[dict], out: Path) ->
 
     writer = SummaryWriter(str(out / "tb"))
     for step, value in enumerate(values):
-        ias = np.array([s["ia"] for s in samples if _fmt(s["value"]) == _fmt(value)])
-        writer.add_histogram(f"ia/{key}={_fmt(value)}", ias, 0)
+        ias = np.array([s["ia"] for s in samples if format_value(s["value"]) == format_value(value)])
+        writer.add_histogram(f"ia/{key}={format_value(value)}", ias, 0)
         writer.add_histogram("ia/by_value", ias, step)  # one tag, step = index of the value
         writer.add_scalar("ia_median", float(np.median(ias)), step)
-    writer.add_text("ia/values", ", ".join(f"{i}: {key}={_fmt(v)}" for i, v in enumerate(values)))
+    writer.add_text("ia/values", ", ".join(f"{i}: {key}={format_value(v)}" for i, v in enumerate(values)))
     writer.close()
 
 
@@ -229,12 +212,12 @@ def run(args) -> int:
         if not env.is_main:
             return 0
         out.mkdir(parents=True, exist_ok=True)
-        summary = {_fmt(v): summarise([s["ia"] for s in samples if _fmt(s["value"]) == _fmt(v)]) for v in values}
+        summary = {format_value(v): summarise([s["ia"] for s in samples if format_value(s["value"]) == format_value(v)]) for v in values}
         chosen = recommend(summary)
         result = {"key": key, "values": values, "seeds": args.seeds, "config": str(args.config),
                   "overrides": list(args.overrides), "train": str(shardset.root), "n_images": len(shardset),
                   "world_size": env.world_size, "samples": samples, "summary": summary,
-                  "recommendation": {"key": key, "value": next(v for v in values if _fmt(v) == chosen),
+                  "recommendation": {"key": key, "value": next(v for v in values if format_value(v) == chosen),
                                      "median_ia": summary[chosen]["median"]}}
         write_boxplot(key, values, samples, chosen, out / "ia_boxplot.png")
         write_tensorboard(key, values, samples, out)
