@@ -227,14 +227,13 @@ def _coerce(value: Any, tp, key: str, source: str) -> Any:
 
 
 def _unknown_key(key: str, valid: list[str], source: str) -> ConfigError:
-    leaf = key.rsplit(".", 1)[-1]
-    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    if not close:
-        close = [v for v in valid if v.startswith(prefix) and v.endswith(leaf)][:1]
-    if not close:
-        close = difflib.get_close_matches(leaf, [v.rsplit(".", 1)[-1] for v in valid], n=1)
-        close = [v for v in valid if close and v.rsplit(".", 1)[-1] == close[0]][:1]
+    # Suggest among keys of the same depth: a section for a section, a leaf for a leaf.
+    depth = key.count(".")
+    names = sorted({".".join(v.split(".")[: depth + 1]) for v in valid if v.count(".") >= depth})
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    if not close and depth:  # right leaf name under a wrong section, e.g. 'train.k'
+        leaf = key.rsplit(".", 1)[-1]
+        close = [v for v in names if v.rsplit(".", 1)[-1] == leaf][:1]
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"unknown config key '{key}' in {source}{hint}")
 

@@ -1,0 +1,97 @@
+"""Config loading, overrides and the one-line validation errors users see."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dcscale.cli import main
+from dcscale.config import ConfigError, config_from_dict, dump_config, load_config, save_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    cfg = load_config(_write(tmp_path, "cluster: {k: 20}\n"),
+                      ["cluster.k=500", "train.lr=0.05", "cluster.pca_dim=null", "model.sobel=true",
+                       "train.weight_decay=1e-5", "data.mean=[0.1, 0.2, 0.3]"])
+    assert cfg.cluster.k == 500 and cfg.train.lr == 0.05 and cfg.cluster.pca_dim is None
+    assert cfg.model.sobel is True and cfg.train.weight_decay == 1e-5 and cfg.data.mean == [0.1, 0.2, 0.3]
+    assert cfg.train.cycles == 10  # untouched keys keep their defaults
+
+
+def test_unknown_key_names_the_key_the_file_and_the_closest_valid_key(tmp_path):
+    path = _write(tmp_path, "cluster:\n  pca_dimm: 64\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"unknown config key 'cluster.pca_dimm' in {path} (did you mean 'cluster.pca_dim'?)"
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian' in .* \(did you mean 'train'\?\)"):
+        load_config(_write(tmp_path, "trian: {lr: 0.1}\n"))
+    with pytest.raises(ConfigError, match=r"'train.lrr' in the command line \(did you mean 'train.lr'\?\)"):
+        load_config(None, ["train.lrr=0.1"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("cluster.k=ten", "cluster.k = 'ten' in the command line: expected an integer"),
+    ("cluster.k=1", "cluster.k = 1 in the command line: expected an integer >= 2"),
+    ("train.momentum=1.5", "train.momentum = 1.5 in the command line: expected a number in [0, 1)"),
+    ("model.arch=alexnett", "model.arch = 'alexnett' in the command line: expected one of lenet5, alexnet,"),
+    ("train.augment=heavy", "train.augment = 'heavy' in the command line: expected one of 'imagenet', 'small', 'none'"),
+    ("model.sobel=maybe", "model.sobel = 'maybe' in the command line: expected true/false"),
+    ("cluster.halt_after=0", "cluster.halt_after = 0 in the command line: expected an integer >= 1"),
+    ("resume=sometimes", "resume = 'sometimes' in the command line: expected 'auto' or a path to a .pt"),
+    ("cluster.k", "override 'cluster.k': expected key=value"),
+])
+def test_bad_values_name_the_key_and_what_is_allowed(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(message)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"not valid YAML"):
+        load_config(_write(tmp_path, "cluster: [k: 3\n"))
+    with pytest.raises(ConfigError, match=r"expected a mapping"):
+        load_config(_write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match=r"cluster.k = 3.5 in .*run.yaml: expected an integer"):
+        load_config(_write(tmp_path, "cluster: {k: 3.5}\n"))
+
+
+def test_saved_config_reloads_to_the_same_config(tmp_path):
+    cfg = load_config(ROOT / "configs" / "digits_demo.yaml", ["cluster.k=77", "cluster.halt_after=3"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert config_from_dict({}) == load_config(None)
+    assert "k: 77" in dump_config(cfg)
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")))
+def test_shipped_configs_are_valid(path):
+    load_config(ROOT / path)
+
+
+def test_cli_prints_the_resolved_config_or_one_error_line(tmp_path, capsys):
+    assert main(["config", str(ROOT / "configs" / "digits_demo.yaml"), "cluster.k=12"]) == 0
+    assert "  k: 12\n" in capsys.readouterr().out
+    assert main(["config", str(tmp_path / "missing.yaml")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"dcscale: error: config file not found: {tmp_path / 'missing.yaml'}"
+
+
+def test_python_dash_m_is_the_same_command():
+    proc = subprocess.run([sys.executable, "-m", "dcscale", "config", str(ROOT / "configs" / "digits_demo.yaml"),
+                           "cluster.kk=3"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "dcscale: error: unknown config key 'cluster.kk' in the command line (did you mean 'cluster.k'?)"]
