@@ -25,3 +25,15 @@ def digits_test_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits") / "test"
     build_digits(out, split="test", samples_per_shard=DIGITS_SAMPLES_PER_SHARD)
     return out
+
+
+def tiny_run_overrides(shards: Path, run_dir: Path, **extra) -> list[str]:
+    """key=value overrides for a tiny, fast training run on a shard set (end-to-end tests)."""
+    base = {
+        "data.train": str(shards), "data.image_size": 32, "data.workers": 0, "model.arch": "lenet5",
+        "cluster.k": 10, "cluster.pca_dim": 16, "cluster.niter": 10, "train.cycles": 2,
+        "train.batch_size": 64, "train.augment": "small", "train.hflip": False, "train.lr": 0.05,
+        "output.dir": str(run_dir), "dist.timeout_min": 2, "cluster.wait_timeout_min": 2,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = [sys.executable, str(ROOT / "launch" / "slurm.py")]
@@ -28,15 +29,7 @@ LOCAL = ["--cluster", "local", "--gpus-per-node", "0", "--tasks-per-node", "2", 
 
 
 def _overrides(shards: Path, run_dir: Path, **extra) -> list[str]:
-    base = {
-        "data.train": str(shards), "data.image_size": 32, "data.workers": 0, "model.arch": "lenet5",
-        "cluster.k": 10, "cluster.pca_dim": 16, "cluster.niter": 10, "train.cycles": 2,
-        "train.batch_size": 64, "train.augment": "small", "train.hflip": False, "train.lr": 0.05,
-        "output.dir": str(run_dir), "dist.timeout_min": 2, "cluster.wait_timeout_min": 2,
-        "checkpoint.every_steps": 4,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return tiny_run_overrides(shards, run_dir, **{"checkpoint.every_steps": 4, **extra})
 
 
 def submit(args: list[str], timeout: float = 200) -> subprocess.CompletedProcess:

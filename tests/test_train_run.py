@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_run_overrides
 
 from dcscale.config import load_config
 
@@ -19,14 +20,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _overrides(shards: Path, run_dir: Path, **extra) -> list[str]:
-    base = {
-        "data.train": str(shards), "data.image_size": 32, "data.workers": 0, "model.arch": "lenet5",
-        "cluster.k": 10, "cluster.pca_dim": 16, "cluster.niter": 10, "train.cycles": 2,
-        "train.batch_size": 64, "train.augment": "small", "train.hflip": False, "train.lr": 0.05,
-        "output.dir": str(run_dir), "dist.timeout_min": 2, "cluster.wait_timeout_min": 2,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return tiny_run_overrides(shards, run_dir, **extra)
 
 
 def _cmd(nproc: int, overrides: list[str]) -> list[str]:
