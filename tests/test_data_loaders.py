@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dcscale.data.loaders import ClusterTrainDataset, collate_skip_none, extraction_loader, num_extraction_batches
+from dcscale.data.loaders import SeededDraws, extraction_loader, num_extraction_batches
 from dcscale.data.partition import extraction_batches, rank_range, worker_batches, worker_range
 from dcscale.data.shardset import ShardSet
 from dcscale.data.transforms import eval_transform, train_transform
@@ -112,23 +112,24 @@ def test_workers_with_empty_ranges(tmp_path):
     assert indices.tolist() == [9, 10, 11]
 
 
-def test_train_dataset_and_collate(tmp_path):
+def test_training_draws_skip_and_count_undecodable_images(tmp_path):
     ss = ShardSet(_set_with_broken_image(tmp_path / "b", broken=(3,)))
     pseudo = np.arange(12)[::-1] % 4
-    ds = ClusterTrainDataset(ss, pseudo, train_transform(4, 1, "small", 0.5, True))
-    image, label, index = ds[7]
-    assert image.shape == (1, 4, 4) and label == pseudo[7] and index == 7
-    assert ds[3] is None
-    loader = torch.utils.data.DataLoader(ds, batch_size=6, num_workers=2, collate_fn=collate_skip_none)
+    ds = SeededDraws(ss, pseudo, train_transform(4, 1, "small", 0.5, True), seed=0, cycle=0)
+    image, label, index, position = ds[(5, 7)]
+    assert image.dtype == torch.uint8 and label == pseudo[7] and index == 7 and position == 5
+    assert ds[(0, 3)] is None
+    draws = list(enumerate(range(12)))  # (position, global index) pairs, as WithPositions gives them
+    loader = torch.utils.data.DataLoader(ds, batch_size=6, sampler=draws, num_workers=2, collate_fn=ds.collate)
     batches = list(loader)
     assert [b.skipped for b in batches] == [1, 0]
-    assert batches[0].images.shape == (5, 1, 4, 4)
+    assert batches[0].images.shape == (5, 1, 4, 4) and batches[0].images.dtype == torch.float32
     assert batches[0].indices.tolist() == [0, 1, 2, 4, 5]
     assert torch.equal(batches[0].labels, torch.as_tensor(pseudo[[0, 1, 2, 4, 5]]))
-    empty = collate_skip_none([None, None])
+    empty = ds.collate([None, None])
     assert empty.skipped == 2 and len(empty.indices) == 0
     with pytest.raises(ValueError):
-        ClusterTrainDataset(ss, pseudo[:5], None)
+        SeededDraws(ss, pseudo[:5], None, seed=0, cycle=0)
 
 
 @pytest.mark.parametrize("augment", ["imagenet", "small", "none"])

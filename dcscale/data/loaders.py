@@ -17,7 +17,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
-from torch.utils.data import default_collate
 
 from dcscale.data.partition import extraction_batches, rank_range, worker_batches
 from dcscale.data.shardset import ShardSet
@@ -129,42 +128,11 @@ def extraction_loader(shardset: ShardSet, transform, rank: int, world_size: int,
 
 # ---- training ----------------------------------------------------------------------------------
 
-class ClusterTrainDataset(Dataset):
-    """Map-style: ds[i] -> (image tensor, pseudo-label labels[i], i), or None if undecodable."""
-
-    def __init__(self, shardset: ShardSet, labels: np.ndarray, transform):
-        if len(labels) != len(shardset):
-            raise ValueError(f"{len(labels)} labels for a shard set of {len(shardset)} samples")
-        self.shardset = shardset
-        self.labels = np.asarray(labels)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.shardset)
-
-    def __getitem__(self, index: int):
-        sample = self.shardset.read(int(index))
-        if sample is None:
-            return None
-        return self.transform(sample.image), int(self.labels[index]), int(index)
-
-
 class TrainBatch(NamedTuple):
     images: torch.Tensor  # [b, C, H, W]; b may be 0 if every draw was undecodable
     labels: torch.Tensor  # int64 [b]
     indices: torch.Tensor  # int64 [b], global indices
     skipped: int  # undecodable draws dropped from this batch
-
-
-def collate_skip_none(batch: list) -> TrainBatch:
-    """Collate ClusterTrainDataset items, dropping (and counting) the undecodable ones."""
-    good = [item for item in batch if item is not None]
-    skipped = len(batch) - len(good)
-    if not good:
-        empty = torch.zeros(0, dtype=torch.long)
-        return TrainBatch(torch.zeros(0), empty, empty.clone(), skipped)
-    images, labels, indices = default_collate(good)
-    return TrainBatch(images, labels, indices, skipped)
 
 
 class SeededDraws(Dataset):
