@@ -38,10 +38,14 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _two_process_overrides(train: Path, test: Path, run_dir: Path) -> list[str]:
+    return _overrides(train, run_dir, **{"checkpoint.every_steps": 4, "data.test": test, "eval.knn_every": 2})
+
+
 @pytest.fixture(scope="module")
-def two_process_run(digits_train_shards, tmp_path_factory):
+def two_process_run(digits_train_shards, digits_test_shards, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("two") / "run"
-    proc = run_train(2, _overrides(digits_train_shards, run_dir, **{"checkpoint.every_steps": 4}))
+    proc = run_train(2, _two_process_overrides(digits_train_shards, digits_test_shards, run_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir, proc
 
@@ -56,6 +60,7 @@ def test_two_process_run_logs_every_cycle(two_process_run):
     assert rows[0]["nmi_prev"] is None and 0 <= rows[1]["nmi_prev"] <= 1
     assert 0 < rows[0]["nmi_gt"] <= 1  # cycle 0: the Initial Alignment
     assert all(r["clustered"] and np.isfinite(r["loss"]) for r in rows)
+    assert "knn_top1" not in rows[0] and 0.5 < rows[1]["knn_top1"] <= 1  # k-NN monitor every 2 cycles
     assert list((run_dir / "tb").glob("events.out.tfevents.*")), "rank 0 writes TensorBoard events"
     assert len(list((run_dir / "tb").glob("events.out.tfevents.*"))) == 1, "only rank 0 writes"
     assert (run_dir / "checkpoints" / "last.pt").is_file()
@@ -64,11 +69,11 @@ def test_two_process_run_logs_every_cycle(two_process_run):
     assert proc.stdout.count("cycle   0 |") == 1, "one console line per cycle, from rank 0 only"
 
 
-def test_saved_config_reproduces_the_run(two_process_run, digits_train_shards):
+def test_saved_config_reproduces_the_run(two_process_run, digits_train_shards, digits_test_shards):
     run_dir, _ = two_process_run
     saved = load_config(run_dir / "config.yaml")
     assert saved == load_config(Path(__file__).parent / "train_test.yaml",
-                                _overrides(digits_train_shards, run_dir, **{"checkpoint.every_steps": 4}))
+                                _two_process_overrides(digits_train_shards, digits_test_shards, run_dir))
 
 
 def test_one_and_two_processes_give_the_same_cycle0_labels(digits_train_shards, tmp_path):
@@ -92,10 +97,11 @@ def test_halt_after_skips_clustering_and_keeps_labels(digits_train_shards, tmp_p
     assert rows[0]["t_extract"] > 0
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(two_process_run, digits_train_shards, tmp_path):
+def test_killed_run_resumes_to_the_uninterrupted_result(two_process_run, digits_train_shards, digits_test_shards,
+                                                        tmp_path):
     reference_dir, _ = two_process_run
     run_dir = tmp_path / "killed"
-    overrides = _overrides(digits_train_shards, run_dir, **{"checkpoint.every_steps": 4})
+    overrides = _two_process_overrides(digits_train_shards, digits_test_shards, run_dir)
     proc = subprocess.Popen(_cmd(2, overrides), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     # Kill the whole job (torchrun and both ranks) with SIGKILL as soon as cycle 1 is mid-epoch.
@@ -117,6 +123,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(two_process_run, digits_
     for a, b in zip(ref, got):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
         assert b["nmi_gt"] == pytest.approx(a["nmi_gt"], abs=1e-9)
+        assert b.get("knn_top1") == a.get("knn_top1")
     np.testing.assert_array_equal(np.load(reference_dir / "labels.npy"), np.load(run_dir / "labels.npy"))
 
 
@@ -136,6 +143,9 @@ def test_bad_config_fails_before_any_work(digits_train_shards, tmp_path):
     assert proc.stderr.strip() == ("dcscale: error: unknown config key 'cluster.kk' in the command line "
                                    "(did you mean 'cluster.k'?)")
     assert not (tmp_path / "bad").exists()
+    proc = run_train(1, [f"output.dir={tmp_path / 'bad'}"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("dcscale: error: data.train is not set in ")
 
 
 def test_a_killed_rank_ends_the_job_without_a_hang(digits_train_shards, tmp_path):

@@ -61,6 +61,7 @@ def train(cfg: Config) -> dict:
     shards = ShardSet(cfg.data.train)
     channels, image_size = input_shape(shards, cfg)
     gt_labels = shards.labels() if shards.manifest.has_labels else None
+    knn_queries = monitor_shards(cfg)  # opened (and checked) now, not at the first k-NN cycle
     eval_tf = eval_transform(image_size, channels, resize=cfg.data.resize, mean=cfg.data.mean, std=cfg.data.std)
     train_tf = train_transform(image_size, channels, cfg.train.augment, cfg.train.crop_scale_min,
                                cfg.train.hflip, mean=cfg.data.mean, std=cfg.data.std)
@@ -115,8 +116,10 @@ def train(cfg: Config) -> dict:
         train_cycle(model, body_opt, head_opt, shards, train_tf, env, cfg, state, run_dir, (channels, image_size))
 
         metrics = finish_cycle_metrics(state, cfg, t_cycle)
-        if cfg.eval.knn_every and cfg.data.test and (cycle + 1) % cfg.eval.knn_every == 0:
-            metrics["knn_top1"] = knn_top1(model, shards, cfg, env, eval_tf)
+        if knn_queries is not None and (cycle + 1) % cfg.eval.knn_every == 0:
+            from dcscale.eval.knn import knn_monitor
+
+            metrics["knn_top1"] = knn_monitor(model, shards, knn_queries, eval_tf, env, cfg)
         history.append(metrics)
         if env.is_main:
             sizes = cluster_stats(state.labels, cfg.cluster.k)["sizes"]
@@ -135,6 +138,19 @@ def train(cfg: Config) -> dict:
         logger.close()
         print_summary(history, run_dir)
     return history[-1] if history else {}
+
+
+def monitor_shards(cfg: Config) -> ShardSet | None:
+    """The labelled shard set the k-NN monitor queries, when the monitor is on."""
+    if not cfg.eval.knn_every:
+        return None
+    if cfg.data.test is None:
+        log.warning("eval.knn_every is set but data.test is not: the k-NN monitor is off")
+        return None
+    queries = ShardSet(cfg.data.test)
+    if not queries.manifest.has_labels:
+        raise DcscaleError(f"data.test {cfg.data.test} has no labels: the k-NN monitor needs a labelled set")
+    return queries
 
 
 def save_labels(labels: np.ndarray, path: Path) -> None:
@@ -275,12 +291,6 @@ def finish_cycle_metrics(state: RunState, cfg: Config, t_cycle_start: float) -> 
     m["peak_mem_mb"] = peak_memory_mb()
     m.setdefault("ips_extract", None)
     return m
-
-
-def knn_top1(model, shards, cfg: Config, env, eval_tf) -> float:
-    from dcscale.eval.knn import knn_monitor
-
-    return knn_monitor(model, shards, ShardSet(cfg.data.test), eval_tf, env, cfg)
 
 
 def peak_memory_mb() -> float:

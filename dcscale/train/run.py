@@ -17,6 +17,9 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     cfg = load_config(args.config, args.overrides)  # bad config: exit 2 before any work starts
+    if cfg.data.train is None:
+        raise DcscaleError(f"data.train is not set in {args.config}: give the training shard set, "
+                           "e.g. data.train=data/digits/train")
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if rank == 0:
