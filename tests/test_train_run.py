@@ -86,8 +86,11 @@ def test_one_and_two_processes_give_the_same_cycle0_labels(digits_train_shards, 
 
 
 def test_halt_after_skips_clustering_and_keeps_labels(digits_train_shards, tmp_path):
+    # (also runs the float16 feature store and subsampled k-means training end to end)
     run_dir = tmp_path / "halt"
-    proc = run_train(1, _overrides(digits_train_shards, run_dir, **{"train.cycles": 3, "cluster.halt_after": 1}))
+    proc = run_train(1, _overrides(digits_train_shards, run_dir, **{
+        "train.cycles": 3, "cluster.halt_after": 1, "cluster.feature_dtype": "float16",
+        "cluster.max_points_per_centroid": 40}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = metrics(run_dir)
     assert [r["clustered"] for r in rows] == [True, False, False]
