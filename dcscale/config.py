@@ -89,7 +89,6 @@ class DistConfig:
 @dataclass
 class OutputConfig:
     dir: str = "runs/default"
-    log_every_steps: int = 50
 
 
 @dataclass
@@ -123,7 +122,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "model.arch": (lambda v: v in ARCHS, "one of " + ", ".join(ARCHS)),
     "cluster.k": (lambda v: v >= 2, "an integer >= 2"),
     "cluster.pca_dim": _POSITIVE,
-    "cluster.pca_sample": _POSITIVE,
+    "cluster.pca_sample": (lambda v: v >= 2, "an integer >= 2 (rows to fit the PCA on), or null for all"),
     "cluster.niter": _POSITIVE,
     "cluster.max_points_per_centroid": _POSITIVE,
     "cluster.halt_after": (lambda v: v >= 1, "an integer >= 1 (cycle 0 always clusters), or null"),
@@ -144,7 +143,6 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "eval.probe_batch_size": _POSITIVE,
     "eval.probe_pool_dim": _POSITIVE,
     "dist.timeout_min": _POSITIVE,
-    "output.log_every_steps": _POSITIVE,
     "checkpoint.every_steps": _POSITIVE,
     "checkpoint.keep_last": _NON_NEGATIVE,
     "resume": (lambda v: v == "auto" or Path(v).suffix == ".pt", "'auto' or a path to a .pt checkpoint"),

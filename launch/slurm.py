@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import shlex
 import shutil
 import subprocess
@@ -100,9 +101,9 @@ def check_resources(args) -> None:
                           f"one task per GPU (leave --tasks-per-node out)")
     if args.cpus_per_task is not None and args.cpus_per_task < 1:
         raise LaunchError(f"--cpus-per-task {args.cpus_per_task}: expected an integer >= 1")
-    if args.mem_gb is not None and args.mem_gb <= 0:
+    if args.mem_gb is not None and not (math.isfinite(args.mem_gb) and args.mem_gb > 0):
         raise LaunchError(f"--mem-gb {args.mem_gb:g}: expected a number > 0")
-    if not args.timeout_min > 0:
+    if not (math.isfinite(args.timeout_min) and args.timeout_min > 0):
         raise LaunchError(f"--timeout-min {args.timeout_min:g}: expected a number > 0")
     if args.max_requeues < 0:
         raise LaunchError(f"--max-requeues {args.max_requeues}: expected an integer >= 0")

@@ -158,7 +158,7 @@ def test_time_limit_signal_requeues_and_resumes_to_the_uninterrupted_result(loca
         # The local job's id is its controller's pid; its children are the two tasks. At the time limit
         # the controller sends them SIGUSR2 (as SLURM does with --signal=USR2@delay); here the test sends
         # it itself, mid-way through cycle 1's epoch, so the moment does not depend on machine speed.
-        wait_for_file("cycle00001_step00000004.pt", run_dir / "checkpoints", proc)
+        wait_for_file("cycle00001_epoch000_step00000004.pt", run_dir / "checkpoints", proc)
         tasks = subprocess.run(["pgrep", "-P", job_id], capture_output=True, text=True).stdout.split()
         assert len(tasks) == 2
         for pid in tasks:
@@ -197,7 +197,7 @@ def test_torchrun_restarts_a_killed_worker_and_resumes(local_run, digits_train_s
                             start_new_session=True)
     try:
         # Kill rank 0 (it hosts the process group's store) right after cycle 0's end-of-cycle checkpoint.
-        wait_for_file("cycle00001_step00000000.pt", run_dir / "checkpoints", proc)
+        wait_for_file("cycle00001_epoch000_step00000000.pt", run_dir / "checkpoints", proc)
         workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         rank0 = [int(p) for p in workers if environ(int(p)).get("RANK") == "0"]
         assert len(workers) == 2 and len(rank0) == 1

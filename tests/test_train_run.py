@@ -109,7 +109,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(two_process_run, digits_
                             start_new_session=True)
     # Kill the whole job (torchrun and both ranks) with SIGKILL as soon as cycle 1 is mid-epoch.
     deadline = time.time() + 180
-    while not list((run_dir / "checkpoints").glob("cycle00001_step*.pt")):
+    while not list((run_dir / "checkpoints").glob("cycle00001_epoch*_step*.pt")):
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.05)
@@ -206,3 +206,15 @@ def test_undecodable_images_are_counted_and_the_run_completes(tmp_path):
     assert "2 undecodable image(s) skipped" in proc.stderr
     labels = np.load(run_dir / "labels.npy")
     assert labels[7] == -1 and labels[301] == -1 and (np.delete(labels, [7, 301]) >= 0).all()
+
+
+def test_mid_epoch_checkpoint_refuses_another_batch_size(digits_train_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    first = run_train(1, _overrides(digits_train_shards, run_dir, **{"train.cycles": 1, "checkpoint.every_steps": 5}))
+    assert first.returncode == 0, first.stderr[-3000:]
+    mid = sorted((run_dir / "checkpoints").glob("cycle00000_epoch000_step*.pt"))[-1]
+    proc = run_train(1, _overrides(digits_train_shards, run_dir, **{"resume": mid, "train.batch_size": 32}))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"dcscale: error: {mid} was written mid-epoch by 1 process(es) with train.batch_size=64; "
+        "resume it with the same (now 1, 32)")

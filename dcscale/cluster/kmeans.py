@@ -52,12 +52,20 @@ def use_gpu() -> bool:
     return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
 
 
-def _flat_index(d: int, gpu: bool | None) -> faiss.Index:
-    """Exact L2 index, replicated on all visible GPUs when faiss has them (faiss.Kmeans does the same)."""
+_GPU_RESOURCES: dict[int, object] = {}  # one scratch-memory pool per GPU, reused every cycle
+
+
+def _flat_index(d: int, gpu: bool | None, device: int | None = None) -> faiss.Index:
+    """Exact L2 index: on CPU; on one GPU (`device`); or replicated on all visible GPUs when faiss has
+    them and no device is named (rank 0's k-means training, as faiss.Kmeans does)."""
     index = faiss.IndexFlatL2(d)
-    if use_gpu() if gpu is None else gpu:
-        index = faiss.index_cpu_to_all_gpus(index)
-    return index
+    if not (use_gpu() if gpu is None else gpu):
+        return index
+    if device is None:
+        return faiss.index_cpu_to_all_gpus(index)
+    if device not in _GPU_RESOURCES:
+        _GPU_RESOURCES[device] = faiss.StandardGpuResources()
+    return faiss.index_cpu_to_gpu(_GPU_RESOURCES[device], device, index)
 
 
 def _as_rows(x: np.ndarray) -> np.ndarray:
@@ -102,13 +110,17 @@ def train_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, *, gpu: 
                         iteration_objectives=objectives, n_train=t)
 
 
-def assign(x: np.ndarray, centroids: np.ndarray, *, gpu: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid of every row: (labels int64 [n], squared distances float32 [n])."""
+def assign(x: np.ndarray, centroids: np.ndarray, *, gpu: bool | None = None,
+           device: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid of every row: (labels int64 [n], squared distances float32 [n]).
+
+    Every rank assigns its own rows: `device` keeps the index on that rank's GPU (replicating it on
+    all GPUs from every rank would put W x W faiss contexts on a node)."""
     x = _as_rows(x)
     centroids = _as_rows(centroids)
     if x.shape[1] != centroids.shape[1]:
         raise ValueError(f"rows have {x.shape[1]} dims, centroids {centroids.shape[1]}")
-    index = _flat_index(centroids.shape[1], gpu)
+    index = _flat_index(centroids.shape[1], gpu, device)
     index.add(centroids)
     labels = np.empty(x.shape[0], dtype=np.int64)
     dists = np.empty(x.shape[0], dtype=np.float32)

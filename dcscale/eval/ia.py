@@ -25,6 +25,7 @@ import numpy as np
 from dcscale.config import Config, config_to_dict, format_value, load_config, parse_value_list
 from dcscale.errors import ConfigError, DataError
 from dcscale.eval import features as ft
+from dcscale.train.loop import check_clusterable
 
 VARY_EXAMPLES = "cluster.k=10,50,100,500, cluster.pca_dim=..., model.arch=..., model.sobel=..."
 
@@ -89,11 +90,12 @@ def sample_ia(base: Config, key: str, values: list, seeds: int, env, shardset, l
             channels, size = ft.input_shape(cfg, shardset)
             t0 = time.perf_counter()
             model = ft.random_init_model(cfg, channels, size, cfg.seed, env.device)
+            check_clusterable(cfg, model, shardset)
             if _feature_key(cfg, cfg.seed) != cached_key:
                 transform = ft.eval_transform_for(cfg, channels, size)
                 indices, feats, _ = extract_features(model.features, shardset, transform, env,
                                                      cfg.data.extract_batch_size, cfg.data.workers,
-                                                     cfg.cluster.feature_dtype)
+                                                     cfg.cluster.feature_dtype, model.feature_dim)
                 cached_key, cached = _feature_key(cfg, cfg.seed), (indices, feats)
             indices, feats = cached
             t1 = time.perf_counter()

@@ -237,7 +237,10 @@ def run(args) -> int:
         model, cfg, kind, ckpt, seed, channels, size = _network(args, env, train_ss)
         layers = ft.resolve_layers(args.layer, model)
         settings = _settings(args, cfg, seed)
-        pool_dim = args.pool_dim or (cfg.eval.probe_pool_dim if cfg else EvalConfig.probe_pool_dim)
+        pool_dim = args.pool_dim if args.pool_dim is not None else (
+            cfg.eval.probe_pool_dim if cfg else EvalConfig.probe_pool_dim)
+        if pool_dim < 1:
+            raise DcscaleError(f"--pool-dim {pool_dim}: expected an integer >= 1")
         transform = ft.eval_transform_for(cfg, channels, size)
         batch_size = args.extract_batch_size or (cfg.data.extract_batch_size if cfg else 256)
         workers = args.workers if args.workers is not None else (cfg.data.workers if cfg else 2)

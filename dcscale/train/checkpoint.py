@@ -1,7 +1,7 @@
 """Checkpoints: written atomically by rank 0, found again by `resume: auto`.
 
 Layout in the run directory: `checkpoints/last.pt` (always the newest) and periodic
-`checkpoints/cycle{C:05d}_step{S:08d}.pt`, of which `checkpoint.keep_last` are kept. A checkpoint is
+`checkpoints/cycle{C:05d}_epoch{E:03d}_step{S:08d}.pt`, of which `checkpoint.keep_last` are kept. A checkpoint is
 written to a temporary file in the same directory, flushed to disk, then renamed, so a kill at any
 moment leaves either the old file or the new one, never half of one.
 """
@@ -16,7 +16,7 @@ import torch
 
 from dcscale.errors import DcscaleError
 
-_PERIODIC = re.compile(r"cycle(\d+)_step(\d+)\.pt$")
+_PERIODIC = re.compile(r"cycle(\d+)_epoch(\d+)_step(\d+)\.pt$")
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -36,7 +36,7 @@ def atomic_torch_save(obj, path: Path) -> None:
 def save_checkpoint(state: dict, run_dir: str | Path, keep_last: int) -> Path:
     """Write `state` as last.pt and as a periodic file; prune old periodic files."""
     folder = checkpoint_dir(run_dir)
-    periodic = folder / f"cycle{state['cycle']:05d}_step{state['step']:08d}.pt"
+    periodic = folder / f"cycle{state['cycle']:05d}_epoch{state['epoch']:03d}_step{state['step']:08d}.pt"
     atomic_torch_save(state, periodic)
     # last.pt is a hard link to the periodic file when possible (no second write of a large file).
     tmp_last = folder / f".last.pt.{os.getpid()}.tmp"
@@ -52,7 +52,7 @@ def save_checkpoint(state: dict, run_dir: str | Path, keep_last: int) -> Path:
 
 
 def _prune(folder: Path, keep_last: int) -> None:
-    periodic = sorted(p for p in folder.glob("cycle*_step*.pt") if _PERIODIC.search(p.name))
+    periodic = sorted(p for p in folder.glob("cycle*_epoch*_step*.pt") if _PERIODIC.search(p.name))
     for old in periodic[: max(len(periodic) - max(keep_last, 1), 0)]:
         old.unlink(missing_ok=True)
     for stale in folder.glob(".*.tmp"):  # left by a process killed mid-write

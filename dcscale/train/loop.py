@@ -68,6 +68,7 @@ def train(cfg: Config) -> dict:
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and at every world size
     model = build_model_from_config(cfg, in_channels=channels, image_size=image_size).to(env.device)
+    check_clusterable(cfg, model, shards)
     if cfg.model.init:
         load_initial_weights(model, cfg.model.init)
     body_opt = torch.optim.SGD(model.body_parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
@@ -140,6 +141,15 @@ def train(cfg: Config) -> dict:
     return history[-1] if history else {}
 
 
+def check_clusterable(cfg: Config, model, shards: ShardSet) -> None:
+    """Fail before any work on settings that could only fail after a whole extraction pass."""
+    if len(shards) == 0:
+        raise DcscaleError(f"{shards.root}: the shard set is empty")
+    if cfg.cluster.pca_dim is not None and cfg.cluster.pca_dim > model.feature_dim:
+        raise DcscaleError(f"cluster.pca_dim = {cfg.cluster.pca_dim} is more than the {model.feature_dim} "
+                           f"feature dimensions of {cfg.model.arch}; use at most {model.feature_dim}, or null")
+
+
 def monitor_shards(cfg: Config) -> ShardSet | None:
     """The labelled shard set the k-NN monitor queries, when the monitor is on."""
     if not cfg.eval.knn_every:
@@ -176,7 +186,7 @@ def cluster_cycle(model, shards, eval_tf, env, cfg: Config, cycle: int) -> tuple
     t0 = time.perf_counter()
     indices, feats, skipped = phases.extract_features(model.features, shards, eval_tf, env,
                                                       cfg.data.extract_batch_size, cfg.data.workers,
-                                                      cfg.cluster.feature_dtype)
+                                                      cfg.cluster.feature_dtype, model.feature_dim)
     t1 = time.perf_counter()
     z, _ = phases.reduce_features(indices, feats, n_total, cfg.cluster.pca_dim, cfg.cluster.pca_sample, seed)
     del feats
@@ -326,6 +336,11 @@ def checkpoint_state(model, body_opt, head_opt, state: RunState, cfg: Config, ch
         "cycle_metrics": state.cycle_metrics, "totals": state.totals,
         "skipped_images": state.skipped_images,
         "rng": torch.get_rng_state(),
+        # dropout on a GPU draws from the device's generator; every rank's matches rank 0's (same
+        # seed, same ops), so rank 0's state serves all
+        "cuda_rng": torch.cuda.get_rng_state(dist.get_env().device) if torch.cuda.is_available() else None,
+        "world_size": dist.get_env().world_size,
+        "batch_size": cfg.train.batch_size,
         "config": config_to_dict(cfg),
         "image_shape": [channels, image_size, image_size],
         "k": cfg.cluster.k,
@@ -334,6 +349,7 @@ def checkpoint_state(model, body_opt, head_opt, state: RunState, cfg: Config, ch
 
 def restore(path: Path, model, body_opt, cfg: Config):
     ckpt = load_checkpoint(path)
+    check_resumable(ckpt, path, cfg)
     model.reset_head(ckpt.get("k", cfg.cluster.k))
     model.load_state_dict(ckpt["model"])
     device = next(model.parameters()).device
@@ -344,6 +360,8 @@ def restore(path: Path, model, body_opt, cfg: Config):
         head_opt = new_head_optimizer(model, cfg)
         head_opt.load_state_dict(ckpt["head_optimizer"])
     torch.set_rng_state(ckpt["rng"])
+    if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt["cuda_rng"], dist.get_env().device)
     dist_env = dist.get_env()
     totals = ckpt["totals"] if dist_env.is_main else {"loss_sum": 0.0, "correct": 0, "seen": 0}
     state = RunState(cycle=ckpt["cycle"], epoch=ckpt["epoch"], step=ckpt["step"],
@@ -351,6 +369,20 @@ def restore(path: Path, model, body_opt, cfg: Config):
                      prev_labels=ckpt["prev_labels"], cycle_metrics=dict(ckpt["cycle_metrics"]),
                      totals=dict(totals), skipped_images=ckpt.get("skipped_images", 0))
     return state, head_opt
+
+
+def check_resumable(ckpt: dict, path: Path, cfg: Config) -> None:
+    """A mid-epoch position only means something for the world size and per-rank batch size that
+    wrote it (the sampler's share and the step count depend on both)."""
+    mid_epoch = ckpt.get("step", 0) > 0 or ckpt.get("epoch", 0) > 0
+    world_size = dist.get_env().world_size
+    saved_ws, saved_bs = ckpt.get("world_size", world_size), ckpt.get("batch_size", cfg.train.batch_size)
+    if mid_epoch and (saved_ws != world_size or saved_bs != cfg.train.batch_size):
+        raise DcscaleError(f"{path} was written mid-epoch by {saved_ws} process(es) with train.batch_size="
+                           f"{saved_bs}; resume it with the same (now {world_size}, {cfg.train.batch_size})")
+    if mid_epoch and ckpt.get("k", cfg.cluster.k) != cfg.cluster.k:
+        raise DcscaleError(f"{path} was written mid-epoch with cluster.k={ckpt['k']}; resume it with the same "
+                           f"(now {cfg.cluster.k})")
 
 
 def load_initial_weights(model, path: str) -> None:

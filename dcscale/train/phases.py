@@ -18,6 +18,7 @@ from dcscale import dist
 from dcscale.cluster.kmeans import assign, train_kmeans, training_row_indices
 from dcscale.cluster.pca import PCA, apply_pca, fit_pca
 from dcscale.data.loaders import extraction_loader
+from dcscale.data.partition import rank_range
 
 log = logging.getLogger("dcscale")
 
@@ -33,7 +34,7 @@ def _progress(iterable, total: int | None, desc: str, enabled: bool):
 
 @torch.no_grad()
 def extract_features(model_fn, shardset, transform, env: dist.DistEnv, batch_size: int, workers: int,
-                     dtype: str = "float32") -> tuple[np.ndarray, np.ndarray, list[int]]:
+                     dtype: str = "float32", feature_dim: int | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Run this rank's contiguous slice through `model_fn` (batch -> [B, D] features).
 
     Returns (global indices int64 [n_r], features [n_r, D] in `dtype`, skipped global indices).
@@ -53,7 +54,8 @@ def extract_features(model_fn, shardset, transform, env: dist.DistEnv, batch_siz
         feat_parts.append(feats.float().cpu().numpy().astype(np_dtype, copy=False))
     skipped = list(getattr(loader, "skipped", []))
     if not index_parts:
-        return np.zeros(0, np.int64), np.zeros((0, 0), np_dtype), skipped
+        # A rank with nothing decodable still takes part in the gathers, with rows of the right width.
+        return np.zeros(0, np.int64), np.zeros((0, feature_dim or 0), np_dtype), skipped
     return np.concatenate(index_parts), np.concatenate(feat_parts), skipped
 
 
@@ -105,15 +107,18 @@ def cluster_rows(indices: np.ndarray, z: np.ndarray, n_total: int, k: int, niter
 def assign_labels(indices: np.ndarray, z: np.ndarray, centroids: np.ndarray, n_total: int) -> tuple[np.ndarray, float]:
     """Nearest centroid for this rank's rows, then the full N-long int32 label array on every rank.
 
+    Each rank owns the contiguous slice rank_range(N, W, r), so only its int32 labels travel (N x 4
+    bytes in all). Samples that could not be decoded keep label -1 and are never drawn for training.
     Also returns the k-means objective over every row (mean squared distance to its centroid), which,
     unlike faiss's training objective, compares across cycles and across exact vs subsampled training.
-    Samples that could not be decoded keep label -1 and are never drawn for training.
     """
-    local_labels, sq_dist = assign(np.ascontiguousarray(z, dtype=np.float32), centroids)
-    pairs = np.stack([indices.astype(np.int64), local_labels.astype(np.int64)], axis=1)
-    everything = dist.all_gather_rows(pairs)
-    labels = np.full(n_total, -1, dtype=np.int32)
-    labels[everything[:, 0]] = everything[:, 1]
+    env = dist.get_env()
+    device = env.device.index if env.device.type == "cuda" else None
+    local_labels, sq_dist = assign(np.ascontiguousarray(z, dtype=np.float32), centroids, device=device)
+    mine = rank_range(n_total, env.world_size, env.rank)
+    slice_labels = np.full(len(mine), -1, dtype=np.int32)
+    slice_labels[indices - mine.start] = local_labels
+    labels = dist.all_gather_rows(slice_labels)
     dist_sum, rows = dist.all_reduce_sum([float(np.sum(sq_dist, dtype=np.float64)), len(sq_dist)])
     return labels, dist_sum / max(rows, 1)
 
