@@ -218,3 +218,13 @@ def test_mid_epoch_checkpoint_refuses_another_batch_size(digits_train_shards, tm
     assert proc.stderr.strip().splitlines()[-1] == (
         f"dcscale: error: {mid} was written mid-epoch by 1 process(es) with train.batch_size=64; "
         "resume it with the same (now 1, 32)")
+
+
+def test_a_rank_whose_whole_slice_is_undecodable_still_takes_part(tmp_path):
+    shards = _digits_with_broken_images(tmp_path / "half", set(range(200, 400)))  # rank 1's slice
+    run_dir = tmp_path / "run"
+    proc = run_train(2, _overrides(shards, run_dir, **{"train.cycles": 1}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert metrics(run_dir)[0]["skipped_images"] == 200
+    labels = np.load(run_dir / "labels.npy")
+    assert (labels[200:] == -1).all() and (labels[:200] >= 0).all()
