@@ -23,14 +23,19 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def atomic_torch_save(obj, path: Path) -> None:
+def atomic_write(path: Path, write) -> None:
+    """`write(binary_file)` into a temporary file beside `path`, flushed to disk, then renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(state: dict, run_dir: str | Path, keep_last: int) -> Path:

@@ -34,10 +34,15 @@ from dcscale.data.transforms import eval_transform, train_transform
 from dcscale.errors import DcscaleError
 from dcscale.models import build_model_from_config
 from dcscale.train import phases
-from dcscale.train.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from dcscale.train.checkpoint import atomic_write, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from dcscale.train.logging import MetricsLogger, console_line
 
 log = logging.getLogger("dcscale")
+
+
+def zero_totals() -> dict:
+    """Running sums over a cycle's training steps (this rank's share)."""
+    return {"loss_sum": 0.0, "correct": 0, "seen": 0}
 
 
 @dataclass
@@ -51,8 +56,14 @@ class RunState:
     labels: np.ndarray | None = None
     prev_labels: np.ndarray | None = None
     cycle_metrics: dict = field(default_factory=dict)  # filled as the cycle's phases run
-    totals: dict = field(default_factory=lambda: {"loss_sum": 0.0, "correct": 0, "seen": 0})
+    totals: dict = field(default_factory=zero_totals)
     skipped_images: int = 0
+
+
+def summed_totals(totals: dict) -> dict:
+    """The running sums over all ranks (a collective: every rank calls it at the same point)."""
+    loss_sum, correct, seen = dist.all_reduce_sum([totals["loss_sum"], totals["correct"], totals["seen"]])
+    return {"loss_sum": loss_sum, "correct": int(correct), "seen": int(seen)}
 
 
 def train(cfg: Config) -> dict:
@@ -91,7 +102,6 @@ def train(cfg: Config) -> dict:
     history = []
     while state.cycle < cfg.train.cycles:
         cycle = state.cycle
-        t_cycle = time.perf_counter()
         clustering = cfg.cluster.halt_after is None or cycle < cfg.cluster.halt_after or state.labels is None
         if not state.clustered_this_cycle:
             state.cycle_metrics = {"cycle": cycle, "clustered": clustering}
@@ -101,7 +111,7 @@ def train(cfg: Config) -> dict:
                 state.skipped_images = skipped
                 state.cycle_metrics.update(cluster_metrics)
                 if env.is_main:
-                    save_labels(state.labels, run_dir / "labels.npy")
+                    atomic_write(run_dir / "labels.npy", lambda f: np.save(f, state.labels))
             else:
                 state.cycle_metrics.update({"t_extract": 0.0, "t_pca": 0.0, "t_kmeans": 0.0, "t_assign": 0.0,
                                             "objective": None})
@@ -112,11 +122,11 @@ def train(cfg: Config) -> dict:
             head_opt = new_head_optimizer(model, cfg)
             state.clustered_this_cycle = True
             state.epoch, state.step = 0, 0
-            state.totals = {"loss_sum": 0.0, "correct": 0, "seen": 0}
+            state.totals = zero_totals()
 
         train_cycle(model, body_opt, head_opt, shards, train_tf, env, cfg, state, run_dir, (channels, image_size))
 
-        metrics = finish_cycle_metrics(state, cfg, t_cycle)
+        metrics = finish_cycle_metrics(state)
         if knn_queries is not None and (cycle + 1) % cfg.eval.knn_every == 0:
             from dcscale.eval.knn import knn_monitor
 
@@ -163,13 +173,6 @@ def monitor_shards(cfg: Config) -> ShardSet | None:
     return queries
 
 
-def save_labels(labels: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, labels)
-    tmp.replace(path)
-
-
 def input_shape(shards: ShardSet, cfg: Config) -> tuple[int, int]:
     channels = shards.channels
     image_size = cfg.data.image_size or shards.image_size
@@ -192,7 +195,7 @@ def cluster_cycle(model, shards, eval_tf, env, cfg: Config, cycle: int) -> tuple
     del feats
     t2 = time.perf_counter()
     centroids, _ = phases.cluster_rows(indices, z, n_total, cfg.cluster.k, cfg.cluster.niter,
-                                               cfg.cluster.max_points_per_centroid, seed)
+                                       cfg.cluster.max_points_per_centroid, seed)
     t3 = time.perf_counter()
     labels, objective = phases.assign_labels(indices, z, centroids, n_total)
     t4 = time.perf_counter()
@@ -281,22 +284,20 @@ def write_mid_epoch_checkpoint(model, body_opt, head_opt, state: RunState, total
                                env, run_dir: Path, shape: tuple[int, int]) -> None:
     # Every rank's running totals are summed into rank 0's copy, so the resumed run (which starts the
     # other ranks from zero) ends the cycle with the same loss as an uninterrupted one.
-    summed = dist.all_reduce_sum([totals["loss_sum"], totals["correct"], totals["seen"]])
+    summed = summed_totals(totals)
     if env.is_main:
-        saved = RunState(**{**state.__dict__, "totals": {"loss_sum": summed[0], "correct": int(summed[1]),
-                                                          "seen": int(summed[2])}})
+        saved = RunState(**{**state.__dict__, "totals": summed})
         save_checkpoint(checkpoint_state(model, body_opt, head_opt, saved, cfg, *shape),
                         run_dir, cfg.checkpoint.keep_last)
     dist.barrier()
 
 
-def finish_cycle_metrics(state: RunState, cfg: Config, t_cycle_start: float) -> dict:
-    loss_sum, correct, seen = dist.all_reduce_sum(
-        [state.totals["loss_sum"], state.totals["correct"], state.totals["seen"]])
+def finish_cycle_metrics(state: RunState) -> dict:
+    totals = summed_totals(state.totals)
     m = dict(state.cycle_metrics)
-    m["loss"] = loss_sum / max(seen, 1)
-    m["accuracy"] = correct / max(seen, 1)
-    m["ips_train"] = seen / max(m["t_train"], 1e-9)
+    m["loss"] = totals["loss_sum"] / max(totals["seen"], 1)
+    m["accuracy"] = totals["correct"] / max(totals["seen"], 1)
+    m["ips_train"] = totals["seen"] / max(m["t_train"], 1e-9)
     m["t_cycle"] = sum(m.get(f"t_{p}", 0.0) for p in ("extract", "pca", "kmeans", "assign", "train"))
     m["peak_mem_mb"] = peak_memory_mb()
     m.setdefault("ips_extract", None)
@@ -363,7 +364,7 @@ def restore(path: Path, model, body_opt, cfg: Config):
     if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(ckpt["cuda_rng"], dist.get_env().device)
     dist_env = dist.get_env()
-    totals = ckpt["totals"] if dist_env.is_main else {"loss_sum": 0.0, "correct": 0, "seen": 0}
+    totals = ckpt["totals"] if dist_env.is_main else zero_totals()
     state = RunState(cycle=ckpt["cycle"], epoch=ckpt["epoch"], step=ckpt["step"],
                      clustered_this_cycle=ckpt["clustered_this_cycle"], labels=ckpt["labels"],
                      prev_labels=ckpt["prev_labels"], cycle_metrics=dict(ckpt["cycle_metrics"]),

@@ -8,7 +8,6 @@ travel back; the N-long label array is all-gathered. Nothing of size N x D sits 
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import numpy as np
@@ -19,8 +18,6 @@ from dcscale.cluster.kmeans import assign, train_kmeans, training_row_indices
 from dcscale.cluster.pca import PCA, apply_pca, fit_pca
 from dcscale.data.loaders import extraction_loader
 from dcscale.data.partition import rank_range
-
-log = logging.getLogger("dcscale")
 
 
 def _progress(iterable, total: int | None, desc: str, enabled: bool):
@@ -45,8 +42,7 @@ def extract_features(model_fn, shardset, transform, env: dist.DistEnv, batch_siz
                                pin_memory=torch.device(env.device).type == "cuda", device=env.device)
     np_dtype = np.float16 if dtype == "float16" else np.float32
     index_parts, feat_parts = [], []
-    total = getattr(loader, "num_batches", None)
-    for indices, images in _progress(loader, total, "extract", env.is_main):
+    for indices, images in _progress(loader, len(loader), "extract", env.is_main):
         if len(indices) == 0:
             continue
         feats = model_fn(images.to(env.device, non_blocking=True))
@@ -135,9 +131,8 @@ def train_steps(ddp_model, loader, optimizers, env: dist.DistEnv, start_step: in
     ddp_model.train()
     totals = dict(totals)
     step = start_step
-    total = getattr(loader, "__len__", None)
     # Undecodable images never reach here: extraction gave them label -1 and the sampler skips -1.
-    for batch in _progress(loader, total() if total else None, "train", env.is_main):
+    for batch in _progress(loader, len(loader), "train", env.is_main):
         images = batch.images.to(env.device, non_blocking=True)
         targets = batch.labels.to(env.device, non_blocking=True)
         logits = ddp_model(images)
