@@ -21,6 +21,8 @@ demo: setup
 	$(BIN)/dcscale shards digits --split train --out data/digits/train
 	$(BIN)/dcscale shards digits --split test --out data/digits/test
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node $(NPROC) -m dcscale train --config configs/digits_demo.yaml
+	@echo "make demo: done. dcscale is installed in $(VENV), not on your PATH: 'source $(BIN)/activate' and then" \
+	      "'dcscale ...' or 'python tools/sweep.py ...', or call '$(BIN)/dcscale ...' and '$(BIN)/python tools/...'"
 
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,7 +49,10 @@ class ClusterConfig:
     pca_dim: int | None = 256  # null switches PCA off (rows are still L2-normalised)
     pca_sample: int | None = 100_000  # rows (over all ranks) the PCA is fitted on; null: all
     niter: int = 20
-    max_points_per_centroid: int | None = None  # null: train k-means on every point (original)
+    max_points_per_centroid: int | None = None  # null: no per-centroid cap (original)
+    # k-means trains on a seeded sample of at most this many rows (over all ranks; the smaller of this
+    # and k * max_points_per_centroid). Bounds rank 0's memory; 1.28M ImageNet stays exact. null: all.
+    max_train_rows: int | None = 2_000_000
     halt_after: int | None = None  # early clustering stop: from this cycle on, keep the labels
     reinit_head_after_halt: bool = True
     feature_dtype: Literal["float32", "float16"] = "float32"
@@ -111,9 +115,13 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
-# Range checks: key -> (predicate, what is allowed). Applied after types are checked.
+# Range checks: key -> (predicate, what is allowed). Applied after types are checked (floats are
+# finite by then).
 _POSITIVE = (lambda v: v > 0, "a number > 0")
 _NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
+MAX_TIMEOUT_MIN = 525_600  # a year: far beyond any job, and well inside what timedelta and C++ timeouts hold
+_MINUTES = (lambda v: 0 < v <= MAX_TIMEOUT_MIN, f"a number of minutes > 0 and at most {MAX_TIMEOUT_MIN} (a year)")
+MIN_STD = 1e-3  # pixel values are in [0, 1]: a smaller std only blows inputs up towards inf
 _CHECKS: dict[str, tuple[Any, str]] = {
     "data.image_size": _POSITIVE,
     "data.resize": _POSITIVE,
@@ -125,8 +133,9 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "cluster.pca_sample": (lambda v: v >= 2, "an integer >= 2 (rows to fit the PCA on), or null for all"),
     "cluster.niter": _POSITIVE,
     "cluster.max_points_per_centroid": _POSITIVE,
+    "cluster.max_train_rows": _POSITIVE,
     "cluster.halt_after": (lambda v: v >= 1, "an integer >= 1 (cycle 0 always clusters), or null"),
-    "cluster.wait_timeout_min": _POSITIVE,
+    "cluster.wait_timeout_min": _MINUTES,
     "train.cycles": _POSITIVE,
     "train.epochs_per_cycle": _POSITIVE,
     "train.lr": _POSITIVE,
@@ -142,7 +151,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "eval.probe_weight_decay": _NON_NEGATIVE,
     "eval.probe_batch_size": _POSITIVE,
     "eval.probe_pool_dim": _POSITIVE,
-    "dist.timeout_min": _POSITIVE,
+    "dist.timeout_min": _MINUTES,
     "checkpoint.every_steps": _POSITIVE,
     "checkpoint.keep_last": _NON_NEGATIVE,
     "resume": (lambda v: v == "auto" or Path(v).suffix == ".pt", "'auto' or a path to a .pt checkpoint"),
@@ -166,8 +175,8 @@ def _describe(tp) -> str:
         return " or ".join(p for p in parts)
     if origin is list:
         (inner,) = typing.get_args(tp)
-        return f"a list of {_describe(inner)}"
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string",
+        return "a list of " + {int: "integers", float: "finite numbers"}.get(inner, _describe(inner))
+    return {int: "an integer", float: "a finite number", bool: "true/false", str: "a string",
             type(None): "null"}.get(tp, str(tp))
 
 
@@ -209,14 +218,17 @@ def _coerce(value: Any, tp, key: str, source: str) -> Any:
             return int(value)
         raise bad
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise bad from None
-        raise bad
+        if number is None or not math.isfinite(number):  # inf and NaN only fail later, deep in a run
+            raise bad
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -225,6 +237,10 @@ def _coerce(value: Any, tp, key: str, source: str) -> Any:
 
 
 def _unknown_key(key: str, valid: list[str], source: str) -> ConfigError:
+    in_section = [v for v in valid if v.startswith(key + ".")]
+    if in_section:  # e.g. 'cluster=5'
+        return ConfigError(f"'{key}' in {source} is a config section, not a key: set one of its keys, "
+                           f"e.g. {in_section[0]}=...")
     # Suggest among keys of the same depth: a section for a section, a leaf for a leaf.
     depth = key.count(".")
     names = sorted({".".join(v.split(".")[: depth + 1]) for v in valid if v.count(".") >= depth})
@@ -268,17 +284,23 @@ def _build(cls, raw: dict, source: str, prefix: str = "", from_cli: frozenset = 
 
 
 def _check_ranges(cfg: Config, source: str, from_cli: frozenset = frozenset()) -> None:
+    def where(key: str) -> str:
+        return "the command line" if key in from_cli else source
+
     for key, (ok, allowed) in _CHECKS.items():
         value = get_key(cfg, key)
         if value is None:
             continue
         if not ok(value):
-            where = "the command line" if key in from_cli else source
-            raise ConfigError(f"{key} = {value!r} in {where}: expected {allowed}")
+            raise ConfigError(f"{key} = {value!r} in {where(key)}: expected {allowed}")
     if cfg.data.mean is not None and cfg.data.std is not None and len(cfg.data.mean) != len(cfg.data.std):
-        raise ConfigError(f"data.mean and data.std in {source}: expected lists of the same length")
-    if cfg.data.std is not None and any(s <= 0 for s in cfg.data.std):
-        raise ConfigError(f"data.std = {cfg.data.std!r} in {source}: expected numbers > 0")
+        raise ConfigError(f"data.mean and data.std in {where('data.std')}: expected lists of the same length")
+    if cfg.data.std is not None and any(s < MIN_STD for s in cfg.data.std):
+        raise ConfigError(f"data.std = {cfg.data.std!r} in {where('data.std')}: expected numbers >= {MIN_STD:g} "
+                          f"(pixel values are in [0, 1])")
+    if cfg.data.mean is not None and any(not 0 <= m <= 1 for m in cfg.data.mean):
+        raise ConfigError(f"data.mean = {cfg.data.mean!r} in {where('data.mean')}: expected numbers in [0, 1] "
+                          f"(pixel values are in [0, 1])")
 
 
 def get_key(cfg: Any, key: str) -> Any:
@@ -352,6 +374,50 @@ def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = (), sou
     return cfg
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, mark):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.mark = key, mark
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable):
+                if key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _read_yaml(path: Path):
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file (byte {err.start} is not UTF-8); expected a YAML config") from None
+    if "\x00" in text:
+        raise ConfigError(f"{path}: not a text file (it holds NUL bytes); expected a YAML config")
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as err:
+        raise ConfigError(f"{path} (line {err.mark.line + 1}): key '{err.key}' is given twice in the same "
+                          f"section") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load, override and validate a config; raise ConfigError with one clear line on bad input."""
     raw: dict = {}
@@ -361,12 +427,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         source = str(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" (line {mark.line + 1})" if mark is not None else ""
-            raise ConfigError(f"{path}{where}: not valid YAML") from None
+        raw = _read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
     return config_from_dict(raw, overrides, source)
@@ -380,12 +441,41 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config atomically (the run directory's config.yaml)."""
+def save_config(cfg: Config, path: str | Path, footer: str = "") -> None:
+    """Write the resolved config atomically (the run directory's config.yaml), then `footer`
+    (YAML comments)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dump_config(cfg))
+    tmp.write_text(dump_config(cfg) + footer)
     tmp.replace(path)
+
+
+# Keys a resumed run may change: they extend the run or only watch it, never what it computes.
+RESUME_MAY_CHANGE = ("train.cycles", "checkpoint.", "eval.", "data.test", "data.workers", "data.extract_batch_size",
+                     "dist.", "cluster.wait_timeout_min", "resume", "output.dir")
+_PATH_KEYS = ("data.train", "data.test", "model.init", "output.dir")
+_MISSING = object()
+
+
+def resume_differences(saved: dict, cfg: Config) -> tuple[list[tuple[str, Any, Any]], list[tuple[str, Any, Any]]]:
+    """(allowed, refused): the (key, old, new) of every key whose value in `cfg` differs from a run's
+    `saved` config (config_to_dict form). Keys the saved config lacks (added to dcscale since) are
+    skipped; a path that names the same file in another way is the same value."""
+    allowed, refused = [], []
+    for key in all_keys():
+        node = saved
+        for part in key.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        new = get_key(cfg, key)
+        if node is _MISSING or node == new or (key in _PATH_KEYS and _same_path(node, new)):
+            continue
+        may_change = any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_MAY_CHANGE)
+        (allowed if may_change else refused).append((key, node, new))
+    return allowed, refused
+
+
+def _same_path(a, b) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and Path(a).resolve() == Path(b).resolve()
 
 
 # ---- `dcscale config FILE [key=value ...]` ---------------------------------------------------

@@ -4,8 +4,11 @@ A run is one of: a single plain process (no process group at all), `torchrun` (R
 MASTER_ADDR in the environment), or a submitit task (the launcher exports the same variables from
 submitit's distributed environment before calling the training run). NCCL on GPUs, gloo on CPU.
 
-The array helpers move numpy rows between ranks. Rows are padded to the largest rank's count because
-gather/all_gather need equal shapes; the padding is cut off again on arrival.
+The array helpers move numpy rows between ranks, each into one preallocated result array: rank 0
+receives every rank's rows point to point (gloo) straight into their place; all-gathers run in bounded
+pieces (gloo stages a collective's whole output in a temporary of its own) and pad every rank's
+rows to the largest count, compacting in place on arrival. So a result costs its own size once,
+not once more for the padded parts and again for a concatenated copy.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dcscale.errors import DcscaleError
+
 
 @dataclass
 class DistEnv:
@@ -26,6 +31,8 @@ class DistEnv:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     backend: str | None = None  # None: single process, no process group
+    threads: int = 1  # torch intra-op threads of this process
+    threads_from: str = ""  # where that count came from, for the start-up line
 
     @property
     def is_main(self) -> bool:
@@ -40,13 +47,43 @@ _ENV = DistEnv()
 _WAIT_GROUP = None  # gloo group with a long timeout, for ranks waiting on rank 0's k-means
 
 
+def check_backend(backend: str) -> None:
+    """NCCL runs on CUDA GPUs only: fail with one line instead of deep inside the process group."""
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise DcscaleError("dist.backend = 'nccl' needs CUDA GPUs and torch sees none here: use 'gloo' or 'auto'")
+
+
+def choose_threads(local_processes: int) -> tuple[int, str]:
+    """This process's torch threads: OMP_NUM_THREADS when the user set it, else its share of the cores.
+
+    Unset, torch takes every core in every process, so processes on one machine oversubscribe it. Losses
+    depend on the thread count (it changes the order of float sums), so it is printed at start-up.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    from dcscale.cluster.kmeans import usable_cores
+
+    cores = usable_cores()
+    task_cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if task_cpus.isdigit() and int(task_cpus) > 0:  # SLURM already split the node between tasks
+        threads, why = min(cores, int(task_cpus)), f"SLURM_CPUS_PER_TASK={task_cpus}"
+    else:
+        threads, why = cores // max(local_processes, 1), f"{cores} core(s) / {local_processes} process(es)"
+    threads = max(threads, 1)
+    torch.set_num_threads(threads)
+    return threads, why
+
+
 def init_distributed(backend: str = "auto", timeout_min: float = 30.0,
                      wait_timeout_min: float = 180.0) -> DistEnv:
-    """Join the process group described by the environment (or none, for a plain single process)."""
+    """Join the process group described by the environment (or none, for a plain single process), and
+    set this process's thread count (`choose_threads`)."""
     global _ENV, _WAIT_GROUP
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    threads, threads_from = choose_threads(int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))))
+    check_backend(backend)
     use_cuda = torch.cuda.is_available()
     if backend == "auto":
         backend = "nccl" if use_cuda else "gloo"
@@ -61,7 +98,7 @@ def init_distributed(backend: str = "auto", timeout_min: float = 30.0,
         backend = dist.get_backend()
         _WAIT_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=wait_timeout_min))
     _ENV = DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
-                   backend=backend if world_size > 1 else None)
+                   backend=backend if world_size > 1 else None, threads=threads, threads_from=threads_from)
     return _ENV
 
 
@@ -103,36 +140,69 @@ def _row_counts(n_rows: int) -> list[int]:
     return [int(c.item()) for c in out]
 
 
-def _padded(x: np.ndarray, rows: int) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(x))
-    if t.shape[0] < rows:
-        pad = torch.zeros((rows - t.shape[0], *t.shape[1:]), dtype=t.dtype)
-        t = torch.cat([t, pad])
-    return t.to(_comm_device())
+_PIECE_BYTES = 64 * 2**20  # all-gather output per collective call: bounds gloo's staging copy
 
 
 def gather_rows_to_main(x: np.ndarray) -> np.ndarray | None:
-    """Concatenate every rank's rows (in rank order) on rank 0; other ranks get None."""
+    """Every rank's rows (in rank order) in one array on rank 0; other ranks get None.
+
+    Host rows, so they go point to point over the CPU (gloo) group whatever the backend: no GPU
+    staging, and no NCCL communicator for each pair of ranks."""
     if not _ENV.distributed:
         return x
     counts = _row_counts(x.shape[0])
-    t = _padded(x, max(counts))
-    parts = [torch.empty_like(t) for _ in counts] if _ENV.is_main else None
-    dist.gather(t, parts, dst=0)
+    x = np.ascontiguousarray(x)
     if not _ENV.is_main:
+        if len(x):
+            dist.send(torch.from_numpy(x), dst=0, group=_WAIT_GROUP)
         return None
-    return np.concatenate([p[:c].cpu().numpy() for p, c in zip(parts, counts)])
+    out = np.empty((sum(counts), *x.shape[1:]), dtype=x.dtype)
+    out[:counts[0]] = x
+    offset = counts[0]
+    for src, count in enumerate(counts[1:], start=1):
+        if count:
+            dist.recv(torch.from_numpy(out[offset:offset + count]), src=src, group=_WAIT_GROUP)
+        offset += count
+    return out
 
 
 def all_gather_rows(x: np.ndarray) -> np.ndarray:
-    """Concatenate every rank's rows (in rank order) on every rank."""
+    """Every rank's rows (in rank order) in one array on every rank."""
     if not _ENV.distributed:
         return x
     counts = _row_counts(x.shape[0])
-    t = _padded(x, max(counts))
-    parts = [torch.empty_like(t) for _ in counts]
-    dist.all_gather(parts, t)
-    return np.concatenate([p[:c].cpu().numpy() for p, c in zip(parts, counts)])
+    world, most = _ENV.world_size, max(counts)
+    x = np.ascontiguousarray(x)
+    out = np.empty((world * most, *x.shape[1:]), dtype=x.dtype)  # rank r's rows at r * most
+    row_bytes = max(x.itemsize * int(np.prod(x.shape[1:], dtype=np.int64)), 1)
+    piece = max(1, _PIECE_BYTES // (world * row_bytes))
+    for lo in range(0, most, piece):
+        hi = min(lo + piece, most)
+        mine = _rows_padded(x, lo, hi).to(_comm_device())
+        views = [out[r * most + lo:r * most + hi] for r in range(world)]
+        if _comm_device().type == "cpu":
+            dist.all_gather([torch.from_numpy(v) for v in views], mine)
+        else:
+            staged = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(staged, mine)
+            for v, t in zip(views, staged):
+                v[...] = t.cpu().numpy()
+    offset = 0
+    for r, count in enumerate(counts):  # compact: the rows move down over the padding, in place
+        if offset != r * most:
+            out[offset:offset + count] = out[r * most:r * most + count]
+        offset += count
+    return out[:offset]
+
+
+def _rows_padded(x: np.ndarray, lo: int, hi: int) -> torch.Tensor:
+    """Rows lo:hi of x, zero rows past its end (a view when x has them all)."""
+    if hi <= len(x):
+        return torch.from_numpy(x[lo:hi])
+    t = torch.zeros((hi - lo, *x.shape[1:]), dtype=torch.from_numpy(x[:0]).dtype)
+    if lo < len(x):
+        t[:len(x) - lo] = torch.from_numpy(x[lo:])
+    return t
 
 
 def broadcast_array(x: np.ndarray | None, src: int = 0) -> np.ndarray:

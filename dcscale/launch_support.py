@@ -1,4 +1,8 @@
-"""The job that `launch/slurm.py` submits through submitit, and what it needs at submission time.
+"""The job that `launch/slurm.py` submits through submitit, and what every launcher checks first.
+
+`check_run_inputs` is the check before any launch: `dcscale train` runs it before it prints the
+config (and alone with `--check`, which `launch/torchrun.sh` runs before torchrun), `launch/slurm.py`
+before it submits, `tools/sweep.py` before its first point.
 
 It lives in the package (not in the launcher script) so that submitit pickles it by reference:
 the job process imports the installed dcscale, whatever script submitted it.
@@ -10,22 +14,61 @@ local controller) starts all tasks again. The handler runs inside a signal handl
 while the other ranks keep training, so it must not run collectives and does not save
 anything: the training loop already writes a checkpoint every `checkpoint.every_steps` steps and
 at the end of every cycle, and the requeued job always runs with `resume: auto`, so it continues
-from the newest one and ends exactly where an uninterrupted run would have.
+from the newest one and ends exactly where an uninterrupted run would have. The other ranks get the
+same signal and keep training until rank 0's exit breaks their next collective; that error is the
+expected end of their run, so they report it in one line instead of a traceback.
 """
 
 from __future__ import annotations
 
+import re
+import signal
+import sys
 import zlib
+from pathlib import Path
 
 import submitit
 
 from dcscale.config import Config, config_from_dict, config_to_dict
+from dcscale.data.manifest import Manifest, load_manifest
+from dcscale.errors import DcscaleError
 
 # Mid-epoch checkpoints when the config has none: a preempted job then loses at most this many
 # steps (plus the start-up) instead of a whole epoch.
 DEFAULT_CHECKPOINT_EVERY_STEPS = 500
 
 _PORT_RANGE = (20000, 60000)
+
+
+def check_run_inputs(cfg: Config, source: str, on_this_machine: bool = True) -> Manifest:
+    """Fail with one line on inputs a run would only trip over after start-up: the shard sets (their
+    manifests), the resume and init checkpoints, k-NN settings the memory bank cannot hold, and, when
+    the run starts on this machine (not a SLURM login node), the process-group backend.
+    Returns the training set's manifest."""
+    if not cfg.data.train:
+        raise DcscaleError(f"data.train is not set in {source} or on the command line: give the training shard "
+                           f"set, e.g. data.train=data/digits/train")
+    train = _manifest("data.train", cfg.data.train)
+    if cfg.data.test:
+        _manifest("data.test", cfg.data.test)
+    if cfg.eval.knn_every and cfg.data.test and cfg.eval.knn_k > train.total:
+        raise DcscaleError(f"eval.knn_k = {cfg.eval.knn_k} is more than the {train.total} images of data.train, "
+                           f"the k-NN monitor's memory bank: use at most {train.total}")
+    for key, path in (("resume", cfg.resume), ("model.init", cfg.model.init)):
+        if path not in (None, "auto") and not Path(path).is_file():
+            raise DcscaleError(f"{key}: checkpoint not found: {path}")
+    if on_this_machine:
+        from dcscale.dist import check_backend  # (imports torch)
+
+        check_backend(cfg.dist.backend)
+    return train
+
+
+def _manifest(key: str, root: str) -> Manifest:
+    try:
+        return load_manifest(root)
+    except DcscaleError as err:
+        raise type(err)(f"{key}: {err}") from None
 
 
 def prepare_job_config(cfg: Config) -> tuple[Config, list[str]]:
@@ -77,6 +120,22 @@ def export_distributed_env() -> submitit.helpers.TorchDistributedEnvironment:
     return env.export(set_cuda_visible_devices=False, overwrite=True)
 
 
+def _note_stop_signal() -> list:
+    """Chain onto submitit's time-limit/preemption handler; the returned list gets an entry when the
+    signal arrives."""
+    signum = submitit.JobEnvironment._usr_sig()
+    previous = signal.getsignal(signum)
+    received = []
+
+    def handler(sig, frame):
+        received.append(sig)
+        if callable(previous):
+            previous(sig, frame)
+
+    signal.signal(signum, handler)
+    return received
+
+
 class TrainJob(submitit.helpers.Checkpointable):
     """`dcscale train` as a submitit job: one task per GPU (or per CPU process), all running this."""
 
@@ -85,16 +144,27 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict:
         env = export_distributed_env()
+        signalled = _note_stop_signal()
         cfg = config_from_dict(self.config, source="the submitted job config")
         cfg.resume = job_resume(cfg)
+        job = submitit.JobEnvironment()
         if env.rank == 0:
-            job = submitit.JobEnvironment()
             print(f"dcscale job {job.job_id}: {env.world_size} task(s) on {job.num_nodes} node(s), rendezvous "
                   f"{env.master_addr}:{env.master_port}, resume={cfg.resume}", flush=True)
         from dcscale import dist
         from dcscale.train.loop import train  # torch is imported here, in the job, not at submission
 
-        metrics = train(cfg)
+        try:
+            metrics = train(cfg)
+        except Exception as err:
+            if env.rank == 0 or not signalled:
+                raise
+            # e.g. "[.../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:9128. This is ..."
+            first = re.sub(r"^\[[^\]]*\]\s*", "", (str(err).strip().splitlines() or [""])[0]).split(". ")[0]
+            print(f"dcscale job {job.job_id}: rank {env.rank} stopped: rank 0 left to requeue the job after the "
+                  f"time-limit/preemption signal, which broke this rank's collective ({type(err).__name__}: "
+                  f"{first}); expected, the requeued job resumes", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None  # (not an exception: submitit records no failure for this task)
         dist.shutdown()
         return metrics
 

@@ -10,7 +10,9 @@ The job always runs with `resume: auto`: when it is preempted or reaches its tim
 requeues it and the requeued job continues from the run's newest checkpoint.
 
 `--cluster local` runs the job on this machine with submitit's LocalExecutor (same job code,
-time limit and requeue included); `--cluster debug` runs one task inside this process.
+time limit and requeue included; submitit's local controller runs one job at most 6 times, so past
+that the launcher submits it again, up to --max-requeues time limits in all); `--cluster debug` runs
+one task inside this process.
 `--dry-run` validates everything and prints what would be submitted, without submitting.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import re
 import shlex
 import shutil
 import subprocess
@@ -145,13 +148,12 @@ def check_slurm_available(args) -> None:
 def load_job_config(args):
     """The validated config the job will run (resume: auto forced), and notes on what was changed."""
     from dcscale.config import load_config
-    from dcscale.data.manifest import load_manifest
-    from dcscale.launch_support import prepare_job_config
+    from dcscale.launch_support import check_run_inputs, prepare_job_config
 
     cfg = load_config(args.config, args.overrides)
-    if not cfg.data.train:
-        raise LaunchError(f"data.train is not set in {args.config} or on the command line")
-    load_manifest(cfg.data.train)  # a missing shard set fails here, not after hours in the queue
+    # A missing shard set or checkpoint fails here, not after hours in the queue. The backend is checked
+    # here only when the job runs on this machine (a SLURM login node has no GPUs).
+    check_run_inputs(cfg, args.config, on_this_machine=args.cluster != "slurm")
     return prepare_job_config(cfg)
 
 
@@ -182,14 +184,14 @@ def local_parameters(args) -> dict:
     return params
 
 
-def make_executor(args):
+def make_executor(args, max_requeues: int):
     import submitit
 
     if args.cluster == "slurm":
-        executor = submitit.SlurmExecutor(folder=args.job_dir, max_num_timeout=args.max_requeues)
+        executor = submitit.SlurmExecutor(folder=args.job_dir, max_num_timeout=max_requeues)
         executor.update_parameters(**slurm_parameters(args))
     elif args.cluster == "local":
-        executor = submitit.LocalExecutor(folder=args.job_dir, max_num_timeout=args.max_requeues)
+        executor = submitit.LocalExecutor(folder=args.job_dir, max_num_timeout=max_requeues)
         executor.update_parameters(**local_parameters(args))
     else:
         executor = submitit.DebugExecutor(folder=args.job_dir)
@@ -252,38 +254,84 @@ def main(argv: list[str] | None = None) -> int:
     from dcscale.config import config_to_dict
     from dcscale.launch_support import TrainJob
 
-    try:
-        executor = make_executor(args)
-        job = executor.submit(TrainJob(config_to_dict(cfg)))
-    except Exception as err:  # sbatch refused the job: say why on one line
-        print(f"{PROG}: error: submission failed: {' '.join(str(err).split())}", file=sys.stderr)
+    return run_job(args, TrainJob(config_to_dict(cfg)), run_dir, shape)
+
+
+def run_job(args, fn, run_dir: Path, shape: str) -> int:
+    """Submit `fn` (the job), say where things are, and with --wait wait for it and report how it ended."""
+    job = submit(args, fn, args.max_requeues, shape)
+    if job is None:
         return 1
     paths = job.paths
-    print(f"job id:   {job.job_id} ({args.cluster}: {shape})")
-    print(f"logs:     {paths.stdout} and {paths.stderr.name} (rank 0; rank r: {job.job_id}_r_log.out/.err)")
     print(f"run dir:  {run_dir} (metrics.jsonl, tb/, checkpoints/, labels.npy)")
     wait = args.wait if args.wait is not None else args.cluster != "slurm"
     if not wait:
         print(f"{PROG}: submitted job {job.job_id}; logs {paths.stdout}; run dir {run_dir}")
         return 0
-    return wait_for(job, run_dir)
+    return wait_for(job, run_dir, args, fn, shape)
 
 
-def wait_for(job, run_dir: Path) -> int:
-    """Wait for the job (requeued runs included) and report how it ended, in one line."""
+def submit(args, fn, max_requeues: int, shape: str):
+    """Submit `fn` allowing `max_requeues` more time limits; print its id and logs. None if refused."""
     try:
-        results = job.results()
+        job = make_executor(args, max_requeues).submit(fn)
+    except Exception as err:  # sbatch refused the job: say why on one line
+        print(f"{PROG}: error: submission failed: {' '.join(str(err).split())}", file=sys.stderr)
+        return None
+    print(f"job id:   {job.job_id} ({args.cluster}: {shape})")
+    print(f"logs:     {job.paths.stdout} and {job.paths.stderr.name} (rank 0; rank r: {job.job_id}_r_log.out/.err)",
+          flush=True)
+    return job
+
+
+def wait_for(job, run_dir: Path, args, fn, shape: str) -> int:
+    """Wait for the job (requeued runs included) and report how it ended, in one line. A local job that
+    submitit's controller stopped in the middle of a requeue is submitted again with the time limits it
+    has left."""
+    try:
+        while True:
+            job.wait()
+            left = requeues_left(job) if args.cluster == "local" else None
+            if left is None:
+                results = job.results()
+                break
+            print(f"{PROG}: job {job.job_id} asked for a requeue ({left} time limit(s) to go) after the 6 runs "
+                  f"submitit's local controller makes of one job; submitting it again (it resumes from the "
+                  f"newest checkpoint)", flush=True)
+            job = submit(args, fn, left, shape)
+            if job is None:
+                return 1
     except KeyboardInterrupt:
         job.cancel()
         print(f"{PROG}: interrupted; job {job.job_id} cancelled", file=sys.stderr)
         return 130
     except Exception as err:
-        print(f"{PROG}: error: job {job.job_id} failed: {failure_line(err)}; see {job.paths.stderr}", file=sys.stderr)
+        line = failure_line(err)
+        if "timed-out too many times" in line:
+            line += (f" (--max-requeues {args.max_requeues}); submit the same command again to continue from the "
+                     f"newest checkpoint")
+        print(f"{PROG}: error: job {job.job_id} failed: {line}; see {job.paths.stderr}", file=sys.stderr)
         return 1
     final = results[0] or {}
     loss = f", final loss {final['loss']:.4f}" if isinstance(final.get("loss"), float) else ""
     print(f"{PROG}: job {job.job_id} done{loss}; logs {job.paths.stdout}; run dir {run_dir}")
     return 0
+
+
+_REQUEUED = re.compile(r"Requeued job \S+ \((\d+) remaining timeouts\)")
+
+
+def requeues_left(job) -> int | None:
+    """The time limits a finished local job may still take if its last run ended by asking for a requeue
+    (read from rank 0's log, where submitit records each requeue); None if it ended otherwise."""
+    try:
+        log = job.paths.stdout.read_text(errors="replace")
+    except OSError:
+        return None
+    requeues = list(_REQUEUED.finditer(log))
+    if not requeues or requeues[-1].start() < log.rfind("Starting with JobEnvironment"):
+        return None
+    return int(requeues[-1].group(1))
 
 
 def failure_line(err: Exception) -> str:
@@ -294,7 +342,8 @@ def failure_line(err: Exception) -> str:
     trace = sections[1] if len(sections) >= 3 else text
     lines = [line.strip() for line in trace.splitlines() if line.strip()]
     last = lines[-1] if lines else type(err).__name__
-    for prefix in ("dcscale.errors.DcscaleError: ", "dcscale.errors.ConfigError: ", "dcscale.errors.DataError: "):
+    for prefix in ("dcscale.errors.DcscaleError: ", "dcscale.errors.ConfigError: ", "dcscale.errors.DataError: ",
+                   "submitit.core.utils.UncompletedJobError: "):
         last = last.removeprefix(prefix)
     return last
 

@@ -12,6 +12,11 @@
 # run's newest checkpoint (set checkpoint.every_steps so that little work is lost). Python is
 # $PYTHON (default: python).
 #
+# Before torchrun starts, `dcscale train --check` checks the config and the run's inputs once (shard
+# sets, checkpoints, backend): a bad input is one line and exit 2, not an error from every rank and
+# --max-restarts restarts that fail the same way. Threads: OMP_NUM_THREADS if you set it, else the
+# cores this script may use divided by the processes (torchrun alone would set 1).
+#
 # The same thing by hand:
 #
 #   export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
@@ -66,7 +71,16 @@ if [[ -n "$port" ]]; then
 else
     rdzv=(--standalone)
 fi
+python_bin="${PYTHON:-python}"
+"$python_bin" -m dcscale train --check "$@" resume=auto || exit $?
+
+if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+    cores=$(command nproc)  # (coreutils: the cores this process may run on)
+    threads=$(( cores / nproc )); [[ "$threads" -ge 1 ]] || threads=1
+    export OMP_NUM_THREADS=$threads
+fi
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-echo "launch/torchrun.sh: $nproc process(es), up to $max_restarts restart(s), resume=auto" >&2
-exec "${PYTHON:-python}" -m torch.distributed.run --nnodes 1 --nproc-per-node "$nproc" \
+echo "launch/torchrun.sh: $nproc process(es) x $OMP_NUM_THREADS thread(s), up to $max_restarts restart(s)," \
+     "resume=auto" >&2
+exec "$python_bin" -m torch.distributed.run --nnodes 1 --nproc-per-node "$nproc" \
     --max-restarts "$max_restarts" "${rdzv[@]}" -m dcscale train "$@" resume=auto

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dcscale.data.build import build_digits
@@ -37,3 +39,19 @@ def tiny_run_overrides(shards: Path, run_dir: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_result(reference: Path, run_dir: Path) -> None:
+    """Two 2-cycle runs ended with the same pseudo-labels and the same per-cycle numbers."""
+    ref, got = metrics(reference), metrics(run_dir)
+    assert [r["cycle"] for r in got] == [r["cycle"] for r in ref] == [0, 1]
+    for a, b in zip(ref, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7)
+        assert b["nmi_gt"] == pytest.approx(a["nmi_gt"], abs=1e-9)
+        assert b["objective"] == pytest.approx(a["objective"], rel=1e-6)
+    np.testing.assert_array_equal(np.load(reference / "labels.npy"), np.load(run_dir / "labels.npy"))

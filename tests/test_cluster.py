@@ -1,11 +1,16 @@
 """Clustering pipeline: PCA whitening, L2 rows, faiss k-means, subsampling, empty clusters, NMI."""
 
+import tracemalloc
+
 import numpy as np
 import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
 from dcscale.cluster import (apply_pca, assign, cluster_features, cluster_stats, cycle_seed, fit_pca,
-                             initial_alignment, nmi, sample_row_indices, train_kmeans, training_row_indices)
+                             initial_alignment, l2_normalize, nmi, sample_row_indices, train_kmeans,
+                             training_row_indices)
+from dcscale.cluster.kmeans import faiss_threads, kmeans_memory_bytes, usable_cores
+from dcscale.config import ClusterConfig
 
 
 def blobs(n, d, centers, seed=0, spread=0.3):
@@ -53,6 +58,34 @@ def test_apply_pca_rows_are_unit_l2_and_pca_off():
     assert np.all(np.isfinite(zero))
 
 
+def _numpy_peak_bytes(fn):
+    """fn's result and the peak bytes numpy allocated while it ran (numpy reports to tracemalloc)."""
+    tracemalloc.start()
+    try:
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_reduce_holds_only_the_result_besides_the_features(dtype):
+    # float16 features exist to halve memory: the reduce step must not upcast them whole, nor build
+    # full-size squares for the norms.
+    x = correlated(200_000, 64, seed=3)
+    pca = fit_pca(x[:5000], 16)
+    feats = x.astype(dtype)
+    z, peak = _numpy_peak_bytes(lambda: apply_pca(feats, pca))
+    assert z.dtype == np.float32 and np.allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-5)
+    assert peak < 1.25 * z.nbytes  # the result plus a chunk's worth
+    np.testing.assert_array_equal(z, apply_pca(feats.astype(np.float32), pca))  # chunked = whole
+    off, peak = _numpy_peak_bytes(lambda: apply_pca(feats, None))
+    assert off.dtype == np.float32 and peak < 1.25 * off.nbytes
+    rows = x.copy()
+    same, peak = _numpy_peak_bytes(lambda: l2_normalize(rows))
+    assert same is rows and peak < 0.25 * rows.nbytes  # in place
+
+
 def test_pca_rank_deficient_sample_stays_finite():
     x = np.repeat(np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32), 10, axis=0)
     z = apply_pca(x, fit_pca(x, 8))
@@ -72,18 +105,22 @@ def test_kmeans_reproducible_for_a_seed():
     assert a.iteration_objectives[-1] <= a.iteration_objectives[0]
 
 
-def test_kmeans_same_result_for_any_thread_count():
+def test_kmeans_and_assignment_same_result_for_any_thread_count():
+    # Rank 0 runs k-means on every core it has: labels must not depend on the machine's core count.
     import faiss
-    x, _ = blobs(2000, 16, 30, seed=2)
+    x, _ = blobs(20_000, 16, 30, seed=2)
     before = faiss.omp_get_max_threads()
-    try:
-        faiss.omp_set_num_threads(1)
-        one = train_kmeans(x, 30, niter=8, seed=4)
-        faiss.omp_set_num_threads(2)
-        two = train_kmeans(x, 30, niter=8, seed=4)
-    finally:
-        faiss.omp_set_num_threads(before)
-    assert np.array_equal(one.centroids, two.centroids)
+    results = []
+    for threads in (1, 2, 3):
+        with faiss_threads(threads):
+            assert faiss.omp_get_max_threads() == threads
+            km = train_kmeans(x, 30, niter=8, seed=4)
+            results.append((km.centroids, *assign(x, km.centroids)))
+        assert faiss.omp_get_max_threads() == before  # restored
+    for centroids, labels, dists in results[1:]:
+        assert np.array_equal(centroids, results[0][0])
+        assert np.array_equal(labels, results[0][1]) and np.array_equal(dists, results[0][2])
+    assert usable_cores() >= 1
 
 
 def test_kmeans_recovers_blobs_and_objective_matches_assignment():
@@ -115,6 +152,31 @@ def test_training_rows_subsample_and_assignment_covers_every_point():
     assert res.n_train == 500
     assert res.labels.shape == (5000,) and res.labels.min() >= 0 and res.labels.max() < 10
     assert res.stats["sizes"].sum() == 5000
+
+
+def test_total_training_rows_cap():
+    # The smaller of max_rows and k * max_points_per_centroid wins; fewer rows than the cap: all rows.
+    rows = training_row_indices(5000, 10, None, seed=3, max_rows=700)
+    assert rows.size == 700 and np.all(np.diff(rows) > 0) and rows[-1] < 5000
+    assert np.array_equal(rows, training_row_indices(5000, 10, None, seed=3, max_rows=700))
+    assert training_row_indices(5000, 10, 50, seed=3, max_rows=700).size == 500
+    assert training_row_indices(5000, 10, 100, seed=3, max_rows=700).size == 700
+    assert training_row_indices(5000, 10, None, seed=3, max_rows=5000) is None
+    # A per-centroid cap alone draws the same rows as before the total cap existed.
+    assert np.array_equal(training_row_indices(5000, 10, 50, 3, max_rows=None), training_row_indices(5000, 10, 50, 3))
+    # The default leaves the paper's settings exact: ImageNet-1k at K=10,000, FMNIST at K=5.
+    default = ClusterConfig().max_train_rows
+    assert training_row_indices(1_281_167, 10_000, None, 0, default) is None
+    assert training_row_indices(60_000, 5, None, 0, default) is None
+    assert training_row_indices(100_000_000, 10_000, None, 0, default).size == default
+    x, _ = blobs(5000, 8, 10)
+    assert cluster_features(x, 10, niter=5, seed=3, pca_dim=None, max_train_rows=700).n_train == 700
+
+
+def test_kmeans_memory_estimate():
+    # the rows (float32), three copies of the centroids and faiss's 16 bytes of per-row buffers
+    assert kmeans_memory_bytes(1000, 10, 8) == 4 * 1000 * 8 + 3 * 4 * 10 * 8 + 16 * 1000
+    assert kmeans_memory_bytes(5, 10, 8) == kmeans_memory_bytes(10, 10, 8)  # rows repeated up to k
 
 
 def test_many_duplicates_do_not_crash_and_empties_are_counted():

@@ -50,6 +50,13 @@ def test_unknown_key_names_the_key_the_file_and_the_closest_valid_key(tmp_path):
     ("cluster.halt_after=0", "cluster.halt_after = 0 in the command line: expected an integer >= 1"),
     ("resume=sometimes", "resume = 'sometimes' in the command line: expected 'auto' or a path to a .pt"),
     ("cluster.k", "override 'cluster.k': expected key=value"),
+    ("train.lr=.inf", "train.lr = inf in the command line: expected a finite number"),
+    ("train.momentum=nan", "train.momentum = 'nan' in the command line: expected a finite number"),
+    ("dist.timeout_min=1e300", "dist.timeout_min = 1e+300 in the command line: expected a number of minutes > 0"),
+    ("data.mean=[0.5, .nan]", "data.mean = [0.5, nan] in the command line: expected a list of finite numbers or null"),
+    ("data.std=[0.0001]", "data.std = [0.0001] in the command line: expected numbers >= 0.001"),
+    ("data.mean=[2.0]", "data.mean = [2.0] in the command line: expected numbers in [0, 1]"),
+    ("cluster=5", "'cluster' in the command line is a config section, not a key: set one of its keys, e.g. cluster.k="),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(override, message):
     with pytest.raises(ConfigError) as err:
@@ -66,6 +73,17 @@ def test_bad_files(tmp_path):
         load_config(_write(tmp_path, "- 1\n- 2\n"))
     with pytest.raises(ConfigError, match=r"cluster.k = 3.5 in .*run.yaml: expected an integer"):
         load_config(_write(tmp_path, "cluster: {k: 3.5}\n"))
+    with pytest.raises(ConfigError, match=r"run.yaml \(line 3\): key 'k' is given twice in the same section"):
+        load_config(_write(tmp_path, "cluster:\n  k: 3\n  k: 4\n"))
+    (tmp_path / "latin1.yaml").write_bytes("seed: 1 # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not a text file \(byte 13 is not UTF-8\)"):
+        load_config(tmp_path / "latin1.yaml")
+    (tmp_path / "nul.yaml").write_bytes(b"seed: 1\x00\x00")
+    with pytest.raises(ConfigError, match=r"nul.yaml: not a text file \(it holds NUL bytes\)"):
+        load_config(tmp_path / "nul.yaml")
+    # A key that overrides a YAML merge (<<) is not a duplicate.
+    cfg = load_config(_write(tmp_path, "cluster:\n  <<: {k: 3, niter: 5}\n  k: 4\n"))
+    assert cfg.cluster.k == 4 and cfg.cluster.niter == 5
 
 
 def test_saved_config_reloads_to_the_same_config(tmp_path):

@@ -4,7 +4,9 @@ input gives one clear line and exit code 2."""
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -15,8 +17,9 @@ import scipy.io
 from PIL import Image
 
 from dcscale.cli import main
-from dcscale.data.build import build_cifar10, build_digits, build_folder, build_mnist, build_svhn
-from dcscale.data.converters import digits_split_indices
+from dcscale.data.build import (build_cifar10, build_digits, build_folder, build_mnist, build_svhn, index_tars,
+                                write_shard_set)
+from dcscale.data.converters import SourceData, digits_split_indices
 from dcscale.data.manifest import load_manifest
 from dcscale.data.shardset import ShardSet
 from dcscale.errors import DataError
@@ -26,6 +29,11 @@ RNG = np.random.default_rng(0)
 
 def _pixels(shardset: ShardSet) -> np.ndarray:
     return np.stack([np.asarray(shardset.read(i).image) for i in range(len(shardset))])
+
+
+def _copy_dir(src, dst):
+    shutil.copytree(src, dst)
+    return dst
 
 
 def _labels_read(shardset: ShardSet) -> list[int | None]:
@@ -238,3 +246,141 @@ def test_cli_subprocess(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("wrote 1437 samples in 2 shards")
+
+
+# ---- parallel builds, restricted unpickling, failed builds ------------------------------------------------
+
+def _same_files(a, b) -> None:
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir()) and "index.npy" in names
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_parallel_build_and_index_write_the_same_bytes(tmp_path):
+    serial = build_digits(tmp_path / "w1", split="test", samples_per_shard=50, workers=1)
+    build_digits(tmp_path / "w2", split="test", samples_per_shard=50, workers=2)
+    assert len(serial.shards) == 8
+    _same_files(tmp_path / "w1", tmp_path / "w2")
+    tars = [tmp_path / "w1" / s.name for s in serial.shards]
+    index_tars(tars, tmp_path / "i1", workers=1)
+    index_tars(tars, tmp_path / "i2", workers=2)
+    _same_files(tmp_path / "i1", tmp_path / "i2")
+    assert ShardSet(tmp_path / "i2").read_bytes(359) == ShardSet(tmp_path / "w1").read_bytes(359)
+
+
+def test_parallel_folder_build_skips_the_same_files(tmp_path):
+    src = tmp_path / "src"
+    for cls in ("a", "b"):
+        (src / cls).mkdir(parents=True)
+        for j in range(7):
+            Image.fromarray(RNG.integers(0, 256, size=(5, 4, 3), dtype=np.uint8)).save(src / cls / f"{j}.png")
+    (src / "a" / "3b.png").write_bytes(b"broken")  # shifts every later global index by one
+    for workers in (1, 2):
+        m = build_folder(src, tmp_path / f"w{workers}", samples_per_shard=3, workers=workers)
+        assert m.total == 14 and m.extra["skipped_files"] == 1
+    _same_files(tmp_path / "w1", tmp_path / "w2")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        import os
+
+        return os.system, ("touch pwned",)
+
+
+def test_cifar10_batches_cannot_run_code(tmp_path, monkeypatch, capsys):
+    _write_cifar(tmp_path / "cifar")
+    with open(tmp_path / "cifar" / "data_batch_3", "wb") as f:
+        pickle.dump({b"data": _RunsCode(), b"labels": [1]}, f)
+    monkeypatch.chdir(tmp_path)
+    assert main(["shards", "cifar10", str(tmp_path / "cifar"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data_batch_3: not a CIFAR-10 python batch" in err[0] and "posix.system" in err[0]
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
+
+
+def test_cifar10_batches_written_by_numpy_1(tmp_path):
+    """The real batches were pickled (protocol 2) by numpy 1.x, which names numpy.core.multiarray."""
+    arrays, labels, _ = _write_cifar(tmp_path / "cifar")
+    raw = pickle.dumps({b"data": arrays["test_batch"], b"labels": labels["test_batch"]}, protocol=2)
+    assert b"numpy._core.multiarray\n" in raw
+    (tmp_path / "cifar" / "test_batch").write_bytes(raw.replace(b"numpy._core.multiarray\n",
+                                                                b"numpy.core.multiarray\n"))
+    build_cifar10(tmp_path / "cifar", tmp_path / "out", split="test")
+    expected = arrays["test_batch"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(_pixels(ShardSet(tmp_path / "out")), expected)
+
+
+def _image_tar(path, members):
+    import webdataset as wds
+
+    with wds.TarWriter(str(path)) as sink:
+        for key, sample in members:
+            sink.write({"__key__": key, **sample})
+    return path
+
+
+def test_index_refuses_a_tar_without_decodable_images(tmp_path, capsys):
+    tar = _image_tar(tmp_path / "notes.tar", [(f"k{j}", {"png": b"just some text"}) for j in range(3)])
+    out = tmp_path / "new" / "set"
+    assert main(["shards", "index", str(tar), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "notes.tar: none of its 3 images can be decoded" in err[0]
+    assert not (tmp_path / "new").exists()  # no empty or partial output left behind
+
+
+def test_failed_index_or_build_leaves_no_output_behind(tmp_path, digits_test_shards):
+    broken = _image_tar(tmp_path / "broken.tar", [("k", {"txt": "no image"})])
+    assert main(["shards", "index", str(broken), "--out", str(tmp_path / "new" / "set")]) == 2
+    assert not (tmp_path / "new").exists()
+
+    def fails_midway():
+        for j in range(25):
+            if j == 20:
+                raise DataError("source went away")
+            yield np.full((4, 4), j, np.uint8), None
+
+    with pytest.raises(DataError, match="source went away"):  # after two complete shards were written
+        write_shard_set(SourceData(fails_midway(), None, None, "test"), tmp_path / "partial", samples_per_shard=8,
+                        workers=2)
+    assert not (tmp_path / "partial").exists()
+
+    out = _copy_dir(digits_test_shards, tmp_path / "set")  # an existing shard set stays as it was
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["shards", "index", str(out), str(broken), "--out", str(out)]) == 2
+    with pytest.raises(DataError, match="source went away"):
+        write_shard_set(SourceData(fails_midway(), None, None, "test"), out, samples_per_shard=8)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging directory either
+    assert len(ShardSet(out)) == 360
+
+
+def test_mixed_channels_are_reported_as_such(tmp_path, capsys):
+    grey = np.zeros((6, 6), np.uint8)
+    colour = np.zeros((6, 6, 3), np.uint8)
+    tar = _image_tar(tmp_path / "m.tar", [("a", {"png": grey}), ("b", {"png": colour})])
+    assert main(["shards", "index", str(tar), "--out", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "images 6x6, 1 and 3 channels (read as 3)" in out and "mixed sizes" not in out
+    assert ShardSet(tmp_path / "m").channels == 3
+
+
+def test_image_header_shapes_match_pil(tmp_path):
+    from dcscale.data.build import image_shape
+    from dcscale.data.writers import channels_of_mode
+
+    images = [Image.new(mode, (7, 5)) for mode in ("1", "L", "LA", "I;16", "P", "RGB", "RGBA")]
+    encoded = []
+    for image in images:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        encoded.append(buf.getvalue())
+    for mode in ("L", "RGB", "CMYK"):
+        for progressive in (False, True):
+            buf = io.BytesIO()
+            Image.new(mode, (7, 5)).save(buf, format="JPEG", progressive=progressive, exif=b"Exif\0\0" + bytes(40))
+            encoded.append(buf.getvalue())
+    for data in encoded:
+        with Image.open(io.BytesIO(data)) as pil:
+            assert image_shape(data, "x") == ((channels_of_mode(pil.mode), 5, 7), None)
+    assert image_shape(b"\x89PNG\r\n\x1a\nnot really", "k")[1].startswith("k: ")

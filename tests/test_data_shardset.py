@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
 import pickle
 import shutil
 
 import numpy as np
 import pytest
+import torch.utils.data as torch_data
 import webdataset as wds
 from PIL import Image
 
@@ -21,6 +24,12 @@ from dcscale.data.writers import Encoded, ShardSetWriter
 from dcscale.errors import DataError
 
 RNG = np.random.default_rng(1)
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _copy(src, dst):
@@ -241,7 +250,7 @@ def test_undecodable_image_is_skipped_and_counted(tmp_path, caplog):
 def test_labels_are_cached_and_cheap(digits_train_shards):
     ss = ShardSet(digits_train_shards)
     first = ss.labels()
-    assert first.dtype == np.int64 and len(first) == len(ss) and ss.labels() is first
+    assert first.dtype == np.int32 and len(first) == len(ss) and ss.labels() is first
     assert [ss.read(i).label for i in (0, 700, 1436)] == first[[0, 700, 1436]].tolist()
 
 
@@ -254,3 +263,148 @@ def test_image_modes(tmp_path):
     writer.write(Image.new("L", (4, 4)), None)
     stats = writer.close()
     assert stats.shapes == {(3, 4, 4), (1, 4, 4)}
+
+
+# ---- bounded per-process resources -----------------------------------------------------------------
+
+def _open_tars(root) -> int:
+    """Descriptors this process holds on the shard set's tars."""
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # closed meanwhile (listdir's own descriptor)
+            pass
+    return sum(link.startswith(str(root)) and link.endswith(".tar") for link in links)
+
+
+def test_open_descriptors_are_bounded(digits_train_shards):
+    everything = ShardSet(digits_train_shards)
+    order = RNG.permutation(len(everything))[:400]  # every one of the 8 shards, many times over
+    capped = ShardSet(digits_train_shards, max_open_files=3)
+    most = 0
+    for i in order:
+        assert capped.read_bytes(int(i)) == everything.read_bytes(int(i))
+        most = max(most, _open_tars(digits_train_shards.resolve()))
+    assert most == 3 + 8  # `everything` keeps its 8 open, `capped` at most 3
+    everything.close()
+    capped.close()
+    assert _open_tars(digits_train_shards.resolve()) == 0
+
+
+class _ReadAndCount(torch_data.Dataset):
+    def __init__(self, shardset):
+        self.shardset = shardset
+
+    def __len__(self):
+        return len(self.shardset)
+
+    def __getitem__(self, i):
+        return self.shardset.read_bytes(i)[0], _open_tars(self.shardset.root.resolve())
+
+
+def test_open_descriptors_are_bounded_in_forked_dataloader_workers(digits_train_shards):
+    ss = ShardSet(digits_train_shards, max_open_files=2)
+    ss.read_bytes(0), ss.read_bytes(1436)  # the parent holds two, which the forked workers inherit
+    loader = torch_data.DataLoader(_ReadAndCount(ss), batch_size=None, num_workers=2,
+                                   sampler=RNG.permutation(len(ss)).tolist(),
+                                   multiprocessing_context="fork")
+    counts = []
+    for i, (data, count) in zip(loader.sampler, loader):
+        assert data == ss.read_bytes(i)[0]
+        counts.append(count)
+    assert max(counts) <= 2 and len(counts) == len(ss)
+
+
+def test_index_rows_are_read_on_demand(tmp_path):
+    """Opening a shard set and reading a slice of it holds none of the sidecar index (54 bytes per
+    sample), whatever the shard set's size."""
+    import tracemalloc
+
+    from dcscale.data.build import write_shard_set
+    from dcscale.data.converters import SourceData
+
+    png = Encoded(data=_png_bytes(np.zeros((2, 2), np.uint8)), ext="png", shape=(1, 2, 2))
+    root = tmp_path / "big"
+    write_shard_set(SourceData(samples=((png, i % 7) for i in range(10000)), num_samples=10000,
+                               class_names=list("abcdefg"), description="test"), root)
+    tracemalloc.start()
+    ss = ShardSet(root, verify=False)
+    for i in range(7000, 7100):
+        assert ss.read_bytes(i)[2] == i % 7
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert ss.used_index_file and peak < 100_000  # the whole index: 10000 x 54 bytes
+    np.testing.assert_array_equal(ss.labels(), np.arange(10000) % 7)
+
+
+def test_manifest_class_count_must_cover_the_labels(digits_train_shards, tmp_path):
+    root = _copy(digits_train_shards, tmp_path / "d")
+    _edit_manifest(root, lambda raw: raw.update(num_classes=5, class_names=list("abcde")))
+    with pytest.raises(DataError, match=r"manifest.json: num_classes is 5 but sample \d+ \(.*shard-0000\d\d\.tar "
+                                        r"sample '\d+'\) has label [5-9]$"):
+        ShardSet(root)
+    (root / "index.npy").unlink()  # the same check on labels read from the tars
+    with pytest.raises(DataError, match="num_classes is 5 but sample"):
+        ShardSet(root)
+
+
+# ---- the tar header parser ------------------------------------------------------------------------------
+
+def _tar_flavours(directory):
+    """Tars in every format tarfile writes, with long, prefixed and non-ASCII names, directories,
+    links, metadata members and empty members."""
+    import tarfile
+
+    png = _png_bytes(np.zeros((3, 3), np.uint8))
+    paths = []
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        long_dir = "d" * 90 + "/" + "e" * 60  # a ustar prefix
+        members = [("a/b/k0.png", png), ("a/b/k0.cls", b"3"), (f"{long_dir}/k1.png", png * 3),
+                   (f"{long_dir}/k1.cls", b"12"), ("__meta__/info.json", b"{}"), ("k2.PNG", b""),
+                   ("ünï/kö.jpg", bytes(512))]
+        if fmt != tarfile.USTAR_FORMAT:
+            members.append(("x" * 200 + ".png", png))  # GNU long name / pax path
+        path = directory / f"format{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            for kind, name in ((tarfile.DIRTYPE, "somedir"), (tarfile.SYMTYPE, "alink")):
+                info = tarfile.TarInfo(name)
+                info.type = kind
+                info.linkname = "y" * (150 if fmt != tarfile.USTAR_FORMAT else 50)
+                tar.addfile(info)
+        paths.append(path)
+    return paths
+
+
+def test_header_parser_reads_tars_as_tarfile_does(tmp_path):
+    import mmap
+    import tarfile
+
+    from dcscale.data import tarindex
+
+    tars = _tar_flavours(tmp_path)
+    _write_with_shardwriter(tmp_path / "wds")  # webdataset's own: a pax header per member
+    tars += sorted((tmp_path / "wds").glob("*.tar"))
+    for path in tars:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            parsed = list(tarindex._members(buf, path))
+        with tarfile.open(path) as tar:
+            expected = [(m.name, m.offset_data, m.size) for m in tar.getmembers() if m.isreg()]
+        assert parsed == expected and expected
+        stream = list(wds.WebDataset([str(path)], shardshuffle=False))
+        assert [s["__key__"] for s in stream] == [k.decode() for k in tarindex.scan_tar(path).keys]
+
+
+def test_corrupt_header_is_an_error(digits_train_shards, tmp_path):
+    root = _copy(digits_train_shards, tmp_path / "d")
+    shard = root / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[512 * 40 + 3] ^= 0x20  # a name byte of a header in the middle: the checksum no longer fits
+    shard.write_bytes(bytes(data))
+    (root / "index.npy").unlink()
+    with pytest.raises(DataError, match=r"shard-000001\.tar: corrupt tar header at byte 20480"):
+        ShardSet(root)

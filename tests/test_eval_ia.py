@@ -92,11 +92,12 @@ def test_ia_cli_end_to_end(ia_config, digits_train_shards, tmp_path, capsys):
     assert {"ia/cluster.k=5", "ia/cluster.k=10", "ia/by_value"} <= set(acc.Tags()["histograms"])
 
     # --select-seed: the best init of the recommended value, loadable as the training run's model.init.
-    ckpt = torch.load(out / "best_init.pt", weights_only=False)
+    ckpt = torch.load(out / "best_init.pt", weights_only=True)
     best = max((s for s in result["samples"] if str(s["value"]) == best_value), key=lambda s: s["ia"])
     assert ckpt["seed"] == best["seed"] and ckpt["ia"] == pytest.approx(best["ia"])
     assert result["best_init"]["train_command"] in printed
     assert f"model.init={out / 'best_init.pt'}" in result["best_init"]["train_command"]
+    assert result["best_init"]["train_command"].endswith(f"output.dir={out / 'train'}"), "a run directory of its own"
     from dcscale.eval.features import load_checkpoint_model
     from dcscale.train.loop import load_initial_weights
     model, cfg, shape = load_checkpoint_model(out / "best_init.pt", torch.device("cpu"))

@@ -6,6 +6,7 @@ Every interrupted run must end with the labels and per-cycle losses of the unint
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -15,9 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+import cloudpickle
 import pytest
-from conftest import tiny_run_overrides
+import submitit
+from conftest import assert_same_result, metrics, tiny_run_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = [sys.executable, str(ROOT / "launch" / "slurm.py")]
@@ -36,10 +38,6 @@ def submit(args: list[str], timeout: float = 200) -> subprocess.CompletedProcess
     return subprocess.run([*SLURM, *args], env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def rank0_log(run_dir: Path) -> str:
     (log,) = (run_dir / "submitit").glob("*_0_log.out")
     return log.read_text()
@@ -56,16 +54,6 @@ def wait_for_file(pattern: str, folder: Path, proc: subprocess.Popen, timeout: f
 def environ(pid: int) -> dict[str, str]:
     entries = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
     return dict(e.split("=", 1) for e in entries if "=" in e)
-
-
-def assert_same_result(reference: Path, run_dir: Path) -> None:
-    ref, got = metrics(reference), metrics(run_dir)
-    assert [r["cycle"] for r in got] == [r["cycle"] for r in ref] == [0, 1]
-    for a, b in zip(ref, got):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6, abs=1e-7)
-        assert b["nmi_gt"] == pytest.approx(a["nmi_gt"], abs=1e-9)
-        assert b["objective"] == pytest.approx(a["objective"], rel=1e-6)
-    np.testing.assert_array_equal(np.load(reference / "labels.npy"), np.load(run_dir / "labels.npy"))
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +131,7 @@ def test_local_job_completes_and_says_where_things_are(local_run):
     assert (run_dir / "checkpoints" / "last.pt").is_file() and list((run_dir / "tb").glob("events.out.*"))
     text = log.read_text()
     assert f"dcscale job {job_id}: 2 task(s) on 1 node(s)" in text and "resume=auto" in text
-    assert "2 process(es), fresh run" in text and "dcscale train: done 2 cycles" in text
+    assert "2 process(es) x 1 thread(s) (OMP_NUM_THREADS), fresh run" in text and "dcscale train: done 2 cycles" in text
     assert "resume: auto" in (run_dir / "config.yaml").read_text()
 
 
@@ -173,7 +161,91 @@ def test_time_limit_signal_requeues_and_resumes_to_the_uninterrupted_result(loca
     assert "Caught signal SIGUSR2" in log and f"Requeued job {job_id}" in log
     assert log.count("fresh run") == 1 and log.count("resuming from") == 1, log
     assert "at cycle 1 step" in log.split("resuming from")[1].splitlines()[0]
+    # Rank 1's collective broke when rank 0 left: one line that says why, not a gloo traceback.
+    rank1_err = (run_dir / "submitit" / f"{job_id}_1_log.err").read_text()
+    assert "Traceback" not in rank1_err, rank1_err
+    assert rank1_err.count("rank 1 stopped: rank 0 left to requeue the job") == 1, rank1_err
     assert_same_result(reference, run_dir)
+
+
+# ---- threads per process ---------------------------------------------------------------------------------
+
+def _threads(omp_num_threads: str | None, *envs: dict) -> list[str]:
+    """'threads source' that `init_distributed` picks in a fresh process, for each environment in turn."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK")}
+    if omp_num_threads is not None:
+        env["OMP_NUM_THREADS"] = omp_num_threads
+    code = ("import os, sys, json, torch; from dcscale import dist\n"
+            "for extra in json.loads(sys.argv[1]):\n"
+            "    os.environ.update(extra); e = dist.init_distributed()\n"
+            "    assert e.threads == torch.get_num_threads(); print(e.threads, e.threads_from)")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(envs)], env=env, capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    return out.splitlines()
+
+
+def test_threads_are_the_users_or_a_share_of_the_cores():
+    cores = len(os.sched_getaffinity(0))
+    assert _threads("1", {}, {"LOCAL_WORLD_SIZE": "2"}) == ["1 OMP_NUM_THREADS"] * 2
+    assert _threads(None, {}, {"LOCAL_WORLD_SIZE": "2"}, {"SLURM_CPUS_PER_TASK": "1"}) == [
+        f"{cores} {cores} core(s) / 1 process(es)",
+        f"{max(cores // 2, 1)} {cores} core(s) / 2 process(es)",
+        "1 SLURM_CPUS_PER_TASK=1"]
+
+
+# ---- more time limits than submitit's local controller takes ------------------------------------------
+
+class TimeLimitedJob(submitit.helpers.Checkpointable):
+    """A job that reaches its time limit `limits` times, then finishes: at each run's start it sends itself
+    the time-limit signal (what the local controller sends at the limit), so no run waits for a clock."""
+
+    def __init__(self, runs_file: str, limits: int):
+        self.runs_file, self.limits = runs_file, limits
+
+    def __call__(self) -> dict:
+        with open(self.runs_file, "a") as f:
+            f.write("run\n")
+        runs = len(Path(self.runs_file).read_text().splitlines())
+        if runs <= self.limits:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(60)  # submitit's handler requeues the job and exits during this sleep
+        return {"loss": 0.25, "runs": runs}
+
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the job process cannot import this test module
+
+
+def _load_launcher():
+    spec = importlib.util.spec_from_file_location("dcscale_slurm_launcher", ROOT / "launch" / "slurm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_time_limited_job(tmp_path: Path, limits: int, max_requeues: int) -> tuple[int, int]:
+    """(launcher exit code, runs made) for a 1-task local job that hits `limits` time limits."""
+    slurm = _load_launcher()
+    args = slurm.parse_args(["--config", CONFIG, "--cluster", "local", "--gpus-per-node", "0", "--timeout-min", "5",
+                             "--max-requeues", str(max_requeues), "--job-dir", str(tmp_path / "submitit")])
+    slurm.check_resources(args)
+    runs = tmp_path / "runs.txt"
+    code = slurm.run_job(args, TimeLimitedJob(str(runs), limits), tmp_path, "1 task")
+    return code, len(runs.read_text().splitlines())
+
+
+def test_local_job_takes_max_requeues_time_limits_past_submitits_six(tmp_path, capsys):
+    code, runs = _run_time_limited_job(tmp_path, limits=7, max_requeues=8)
+    out = capsys.readouterr()
+    assert code == 0 and runs == 8, out.out + out.err
+    assert out.out.count("submitting it again") == 1 and "(2 time limit(s) to go)" in out.out
+    assert out.out.strip().splitlines()[-1].startswith("launch/slurm.py: job ") and "done, final loss 0.2500" in out.out
+
+
+def test_local_job_stops_after_max_requeues_time_limits(tmp_path, capsys):
+    code, runs = _run_time_limited_job(tmp_path, limits=3, max_requeues=2)
+    err = capsys.readouterr().err
+    assert code == 1 and runs == 3
+    assert err.count("\n") == 1 and "Job not requeued because: timed-out too many times" in err
 
 
 # ---- torchrun on one node --------------------------------------------------------------------------------

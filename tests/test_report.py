@@ -1,6 +1,10 @@
-"""`dcscale report`: PNGs from a run's metrics.jsonl."""
+"""`dcscale report`: PNGs from a run's metrics.jsonl; the README's digits blocks that
+tools/digits_figures.py rewrites."""
 
+import importlib.util
 import json
+import re
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -82,3 +86,40 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     run = _write_run(tmp_path / "bad", [_row(0)], tail="garbage\n" + json.dumps(_row(1)) + "\n")
     with pytest.raises(DcscaleError, match="line 2"):
         read_metrics(run)
+    run = _write_run(tmp_path / "noint", [_row(0), dict(_row(1), cycle="one")])
+    with pytest.raises(DcscaleError, match="line 2: expected a JSON object with an integer 'cycle'"):
+        read_metrics(run)
+
+
+def test_binary_tail_is_one_line_not_a_traceback(tmp_path, capsys):
+    """Bytes that are not text (a disk fault, zeros left by a crash) after good rows: one line naming the
+    line, and how to keep the good rows."""
+    run = _write_run(tmp_path / "run", [_row(0), _row(1)])
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b"\x00\x00\xff\xfe\x89PNG")
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"dcscale: error: {run / 'metrics.jsonl'} line 3: binary data, not text (damaged); keep the lines "
+                   f"before it (head -n 2 {run / 'metrics.jsonl'} > fixed && mv fixed {run / 'metrics.jsonl'}) and "
+                   f"run again"]
+
+
+def test_readme_digits_blocks_are_rewritten_in_place():
+    """`tools/digits_figures.py --readme README.md` finds the demo, IA and probe blocks and replaces only them."""
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("digits_figures", root / "tools" / "digits_figures.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    readme = (root / "README.md").read_text()
+    blocks = {"demo": "```\ncycle 1 | new\n```", "ia": "| K | new |", "probe": "| features | new |"}
+    new = tool.replace_blocks(readme, blocks)
+    for name, body in blocks.items():
+        assert f"<!-- digits_figures:{name} -->\n{body}\n<!-- /digits_figures:{name} -->" in new
+    assert tool.replace_blocks(new, blocks) == new
+
+    def outside_blocks(text):
+        return re.sub(r"(<!-- digits_figures:(\w+) -->\n).*?(<!-- /digits_figures:\2 -->)", r"\1\3", text, flags=re.S)
+
+    assert outside_blocks(new) == outside_blocks(readme) != new, "only the blocks' bodies change"
+    with pytest.raises(SystemExit, match="no <!-- digits_figures:demo --> block"):
+        tool.replace_blocks("# README\n", blocks)

@@ -107,3 +107,19 @@ def test_missing_runs_and_bad_grids(base, tmp_path):
     assert bad.returncode == 2 and "unknown config key 'cluster.kk'" in bad.stderr
     bad = _sweep("--config", base, "--grid", "cluster.k=5,1", "--out", tmp_path / "b")
     assert bad.returncode == 2 and "cluster.k" in bad.stderr and not (tmp_path / "b" / "runs").exists()
+
+
+@pytest.mark.parametrize("fixed, message", [
+    ("data.train=/nonexistent/shards", "sweep: error: data.train: shard set directory not found: /nonexistent/shards"),
+    ("resume=/nonexistent/last.pt", "sweep: error: resume: checkpoint not found: /nonexistent/last.pt"),
+    ("eval.knn_every=1", None),  # (valid: a control that the check passes good inputs)
+])
+def test_an_input_every_point_would_fail_on_fails_once_up_front(base, tmp_path, fixed, message):
+    out = tmp_path / "s"
+    res = _sweep("--config", base, "--grid", "cluster.k=5,8", "--set", fixed, "--collect-only", "--out", out,
+                 timeout=120)
+    if message is None:
+        assert res.returncode == 1 and "0/2 runs ok" in res.stdout, res.stderr
+        return
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [message], res.stderr
+    assert not (out / "runs").exists()

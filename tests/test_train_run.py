@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_run_overrides
+from conftest import metrics, tiny_run_overrides
 
 from dcscale.config import load_config
 
@@ -32,10 +31,6 @@ def _cmd(nproc: int, overrides: list[str]) -> list[str]:
 
 def run_train(nproc: int, overrides: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(_cmd(nproc, overrides), env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _two_process_overrides(train: Path, test: Path, run_dir: Path) -> list[str]:
@@ -131,13 +126,18 @@ def test_killed_run_resumes_to_the_uninterrupted_result(two_process_run, digits_
 
 
 def test_nan_loss_stops_with_a_clear_message(digits_train_shards, tmp_path):
-    run_dir = tmp_path / "nan"
-    proc = run_train(1, _overrides(digits_train_shards, run_dir, **{"train.lr": 1e30, "train.cycles": 1,
-                                                                     "checkpoint.every_steps": 1}))
-    assert proc.returncode == 2
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "loss is NaN or infinite at cycle 0" in last and "step" in last
-    assert "Traceback" not in proc.stderr
+    # The message names the checkpoint a resume would start from, or says that there is none yet.
+    for every_steps, left in ((1, f"the newest checkpoint, {tmp_path / 'nan1' / 'checkpoints' / 'last.pt'}, was "
+                                  f"written before it"),
+                              ("null", "no checkpoint was written yet, so a new run starts over")):
+        run_dir = tmp_path / f"nan{every_steps}"
+        proc = run_train(1, _overrides(digits_train_shards, run_dir, **{"train.lr": 1e30, "train.cycles": 1,
+                                                                         "checkpoint.every_steps": every_steps}))
+        assert proc.returncode == 2
+        last = proc.stderr.strip().splitlines()[-1]
+        assert "loss is NaN or infinite at cycle 0" in last and "step" in last
+        assert last.endswith(f"; stopping ({left})")
+        assert "Traceback" not in proc.stderr
 
 
 def test_bad_config_fails_before_any_work(digits_train_shards, tmp_path):
@@ -213,7 +213,8 @@ def test_mid_epoch_checkpoint_refuses_another_batch_size(digits_train_shards, tm
     first = run_train(1, _overrides(digits_train_shards, run_dir, **{"train.cycles": 1, "checkpoint.every_steps": 5}))
     assert first.returncode == 0, first.stderr[-3000:]
     mid = sorted((run_dir / "checkpoints").glob("cycle00000_epoch000_step*.pt"))[-1]
-    proc = run_train(1, _overrides(digits_train_shards, run_dir, **{"resume": mid, "train.batch_size": 32}))
+    # (a new run from this checkpoint: in its own directory the run's config could not change at all)
+    proc = run_train(1, _overrides(digits_train_shards, tmp_path / "new", **{"resume": mid, "train.batch_size": 32}))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"dcscale: error: {mid} was written mid-epoch by 1 process(es) with train.batch_size=64; "

@@ -9,6 +9,8 @@ This is how the paper's halting and cluster-count experiments are reproduced, e.
         --grid cluster.k=10,50,100,500 --set train.cycles=20 --out runs/sweep_k \
         --launcher submitit --nproc 4 --partition gpu --timeout-min 600
 
+`--grid KEY=V1,V2,...` (repeatable: a cross product) is what varies; `--set KEY=VALUE` (repeatable) is
+a fixed override for every run. Every point's config and inputs are checked before the first run.
 Each grid point is one training run in OUT/runs/<key-value>/ (`dcscale train`, under torchrun with
 --nproc > 1), followed by a linear probe of its last checkpoint on data.test (`dcscale probe`).
 Runs go one after the other (--launcher local) or as one submitit job array (--launcher submitit:
@@ -34,6 +36,7 @@ from pathlib import Path
 from dcscale.config import format_value, load_config, parse_value_list
 from dcscale.errors import ConfigError, DcscaleError
 from dcscale.eval.report import read_metrics
+from dcscale.launch_support import check_run_inputs
 
 FINAL_KEYS = ("loss", "accuracy", "nmi_prev", "nmi_gt", "knn_top1", "empty_clusters", "cluster_min",
               "cluster_median", "cluster_max")
@@ -65,7 +68,8 @@ def run_name(values: dict) -> str:
 
 
 def make_points(args, grid: dict[str, list]) -> list[Point]:
-    """Resolve every grid point's config (so a bad value fails now, not in job 17) and its commands."""
+    """Resolve every grid point's config and check its inputs (shard sets, checkpoints), so a bad value
+    or path fails now, once, not in every job; and its commands."""
     out = Path(args.out)
     points = []
     for combo in itertools.product(*grid.values()):
@@ -73,6 +77,7 @@ def make_points(args, grid: dict[str, list]) -> list[Point]:
         run_dir = (out / "runs" / run_name(values)).resolve()
         overrides = [*args.set, *(f"{k}={format_value(v)}" for k, v in values.items()), f"output.dir={run_dir}"]
         cfg = load_config(args.config, overrides)
+        check_run_inputs(cfg, args.config, on_this_machine=args.launcher == "local")
         point = Point(values, run_dir)
         point.commands.append(train_command(args.config, overrides, args.nproc))
         layer = probe_layer(args, cfg)

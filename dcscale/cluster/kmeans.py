@@ -4,14 +4,17 @@ GPU faiss on all visible GPUs when the installed faiss has GPUs, CPU faiss other
 Training rows are chosen up front by `training_row_indices` (so that in a distributed run only
 those rows travel to rank 0), hence faiss's own subsampling is switched off here.
 
-Reproducibility: with the same rows and seed, faiss's CPU k-means gives bit-identical centroids
-whatever the number of OpenMP threads (each thread owns a fixed range of centroids when summing;
-tests/test_cluster.py checks 1 vs 2 threads), so no thread pinning is needed. GPU faiss is
-deterministic for a given GPU count but may differ from CPU in the last bits.
+Reproducibility: with the same rows and seed, faiss's CPU k-means and assignment give bit-identical
+results whatever the number of OpenMP threads (each thread owns a fixed range of centroids when
+summing, every query row is searched on its own; tests/test_cluster.py checks 1 vs 2 threads), so
+`faiss_threads` can give these phases all the cores a rank may use. GPU faiss is deterministic for a
+given GPU count but may differ from CPU in the last bits.
 """
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import faiss
@@ -37,14 +40,50 @@ def cycle_seed(run_seed: int, cycle: int) -> int:
     return int(state & 0x7FFFFFFF)
 
 
-def training_row_indices(n_total: int, k: int, max_points_per_centroid: int | None, seed: int) -> np.ndarray | None:
-    """Sorted global indices of the rows k-means trains on: a uniform sample of
-    k * max_points_per_centroid rows (faiss-style subsampling), or None for all rows (the original
-    algorithm, and whenever there are no more rows than that)."""
-    if max_points_per_centroid is None or n_total <= k * max_points_per_centroid:
+def training_row_indices(n_total: int, k: int, max_points_per_centroid: int | None, seed: int,
+                         max_rows: int | None = None) -> np.ndarray | None:
+    """Sorted global indices of the rows k-means trains on: a uniform sample of the smaller of
+    k * max_points_per_centroid (faiss-style) and max_rows rows, or None for all rows (the original
+    algorithm, and whenever there are no more rows than that). The sample depends on the seed and
+    the size only, so it is the same on every rank and at every world size."""
+    caps = [c for c in (None if max_points_per_centroid is None else k * max_points_per_centroid, max_rows)
+            if c is not None]
+    if not caps or n_total <= min(caps):
         return None
     rng = np.random.default_rng([int(seed), 0x5EED])
-    return np.sort(rng.choice(n_total, size=k * max_points_per_centroid, replace=False))
+    return np.sort(rng.choice(n_total, size=min(caps), replace=False))
+
+
+def kmeans_memory_bytes(n_train: int, k: int, dim: int) -> int:
+    """Rank 0's memory for k-means, roughly: the float32 training rows (repeated up to k when there
+    are fewer), three copies of the k centroids (faiss's, the index's, the result) and faiss's
+    per-row buffers (int64 label, float32 distance, float32 squared norm)."""
+    rows = max(n_train, k)
+    return 4 * rows * dim + 3 * 4 * k * dim + 16 * rows
+
+
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: what taskset, cgroups or SLURM granted).
+    Not OMP_NUM_THREADS: torchrun sets that to 1 for every process."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # (no affinity call on macOS)
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def faiss_threads(n: int):
+    """Run faiss with `n` OpenMP threads inside the block, and restore the previous count after."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def use_gpu() -> bool:
@@ -145,7 +184,8 @@ class ClusteringResult:
 
 def cluster_features(features: np.ndarray, k: int, *, niter: int = 20, seed: int = 0,
                      pca_dim: int | None = 256, pca_sample: int | None = None,
-                     max_points_per_centroid: int | None = None, gpu: bool | None = None) -> ClusteringResult:
+                     max_points_per_centroid: int | None = None, max_train_rows: int | None = None,
+                     gpu: bool | None = None) -> ClusteringResult:
     """The whole single-host reduce -> cluster -> assign pipeline on features [N, D]
     (what a distributed run does with gathers in between). `seed` drives the PCA sample, the
     training-row sample and faiss."""
@@ -155,7 +195,7 @@ def cluster_features(features: np.ndarray, k: int, *, niter: int = 20, seed: int
         rows = sample_row_indices(n, pca_sample, seed)
         pca = fit_pca(features if rows is None else features[rows], pca_dim)
     z = apply_pca(features, pca)
-    rows = training_row_indices(n, k, max_points_per_centroid, seed)
+    rows = training_row_indices(n, k, max_points_per_centroid, seed, max_train_rows)
     km = train_kmeans(z if rows is None else z[rows], k, niter, seed, gpu=gpu)
     labels, dists = assign(z, km.centroids, gpu=gpu)
     return ClusteringResult(labels=labels, centroids=km.centroids, objective=km.objective,

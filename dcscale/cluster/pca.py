@@ -64,9 +64,11 @@ def fit_pca(sample: np.ndarray, dim: int | None, eigen_power: float = -0.5,
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     xt = _tensor(x)
-    mean = xt.mean(dim=0, dtype=torch.float64)
+    # numpy accumulates in float64 through a small buffer; torch's mean(dtype=float64) would first
+    # copy the whole sample to float64 (twice its size)
+    mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
     cov = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
-    mean32 = mean.float().to(device)
+    mean32 = torch.from_numpy(mean).to(device)
     for lo in range(0, n, _CHUNK_ROWS):
         c = xt[lo:lo + _CHUNK_ROWS].to(device) - mean32
         cov += (c.T @ c).double()
@@ -82,29 +84,40 @@ def fit_pca(sample: np.ndarray, dim: int | None, eigen_power: float = -0.5,
     floor = max(float(evals[0]), 1e-30) * 1e-10
     scale = evals.clamp_min(floor) ** eigen_power
     matrix = (evecs * scale).float().cpu().numpy()
-    return PCA(mean=mean.float().numpy(), matrix=np.ascontiguousarray(matrix))
+    return PCA(mean=mean, matrix=np.ascontiguousarray(matrix))
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm, in place when x is float32 (all-zero rows stay zero)."""
+    """Rows scaled to unit L2 norm, in place when x is float32 (all-zero rows stay zero). Chunk by
+    chunk, so the squares behind the norms never take more than one chunk's memory."""
     x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    np.maximum(norms, 1e-12, out=norms)
-    x /= norms
+    for lo in range(0, x.shape[0], _CHUNK_ROWS):
+        chunk = x[lo:lo + _CHUNK_ROWS]
+        norms = np.linalg.norm(chunk, axis=1, keepdims=True)
+        np.maximum(norms, 1e-12, out=norms)
+        chunk /= norms
     return x
 
 
 def apply_pca(x: np.ndarray, pca: PCA | None) -> np.ndarray:
-    """Project rows with `pca` (when given) and L2-normalise them. Returns new float32 [n, d] rows."""
-    x = np.asarray(x, dtype=np.float32)
-    if pca is None:
-        return l2_normalize(x.copy())
-    if x.shape[1] != pca.in_dim:
+    """Project rows with `pca` (when given) and L2-normalise them. Returns new float32 [n, d] rows.
+
+    One chunk at a time, straight into the result: float16 features are upcast a chunk at a time,
+    so the only memory besides `x` and the result is a few chunks' worth.
+    """
+    out_dim = x.shape[1] if pca is None else pca.out_dim
+    if pca is not None and x.shape[1] != pca.in_dim:
         raise ValueError(f"features have {x.shape[1]} dims, the PCA expects {pca.in_dim}")
-    out = np.empty((x.shape[0], pca.out_dim), dtype=np.float32)
-    mean = torch.from_numpy(pca.mean)
-    matrix = torch.from_numpy(pca.matrix)
+    out = np.empty((x.shape[0], out_dim), dtype=np.float32)
+    if pca is not None:
+        mean, matrix = torch.from_numpy(pca.mean), torch.from_numpy(pca.matrix)
     for lo in range(0, x.shape[0], _CHUNK_ROWS):
-        chunk = _tensor(x[lo:lo + _CHUNK_ROWS])
-        out[lo:lo + _CHUNK_ROWS] = ((chunk - mean) @ matrix).numpy()
-    return l2_normalize(out)
+        rows = out[lo:lo + _CHUNK_ROWS]
+        if pca is None:
+            rows[...] = x[lo:lo + _CHUNK_ROWS]
+        else:
+            # float16 - float32 computes in float32: the upcast chunk is this subtraction's result
+            centred = torch.sub(_tensor(x[lo:lo + _CHUNK_ROWS]), mean).float()
+            torch.matmul(centred, matrix, out=torch.from_numpy(rows))
+        l2_normalize(rows)
+    return out

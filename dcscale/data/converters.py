@@ -9,8 +9,9 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,11 @@ from PIL import Image
 
 from dcscale.data.writers import Encoded, channels_of_mode
 from dcscale.errors import DataError
+
+try:
+    from numpy._core import multiarray as _multiarray, numeric as _numeric
+except ImportError:  # numpy < 2
+    from numpy.core import multiarray as _multiarray, numeric as _numeric
 
 SPLITS = ("train", "test")
 DIGITS_SPLIT_SEED = 0
@@ -29,11 +35,14 @@ KEEP_EXTS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpeg", ".webp": "webp"}
 
 @dataclass
 class SourceData:
-    samples: Iterable[tuple[np.ndarray | Image.Image | Encoded, int | None]]
+    samples: Iterable[tuple[object, int | None]]  # (image, label), or (what `load` takes, label)
     num_samples: int | None  # when known up front
     class_names: list[str] | None  # None: no labels
     description: str
-    skipped: list[str] | None = None  # files that could not be read (folder), filled while iterating
+    skipped: list[str] | None = None  # why files could not be read (folder), filled while building
+    # Turns a sample into (image, None), or (None, why) to leave it out; the build runs it in its
+    # worker processes (so it must pickle: a module-level function or a partial of one).
+    load: Callable[[object], tuple[np.ndarray | Image.Image | Encoded | None, str | None]] | None = None
 
 
 def _check_split(split: str) -> None:
@@ -82,14 +91,48 @@ def _cifar_dir(path: Path) -> Path:
                     f"extract cifar-10-python.tar.gz there")
 
 
+def _latin1(text: str, encoding: str) -> bytes:
+    """What Python 3 pickles bytes as below protocol 3: _codecs.encode(text, 'latin1')."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"it encodes bytes as {encoding!r}, which a CIFAR batch never does")
+    return text.encode("latin1")
+
+
+# Everything a CIFAR python batch refers to by name: numpy arrays (dicts, lists, bytes, str and int
+# need no name). Pickles name numpy's functions by the module of the numpy that wrote them.
+_CIFAR_GLOBALS = {
+    ("_codecs", "encode"): _latin1,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    **{(f"numpy.{core}.multiarray", name): getattr(_multiarray, name)
+       for core in ("core", "_core") for name in ("_reconstruct", "scalar")},
+    **{(f"numpy.{core}.numeric", "_frombuffer"): _numeric._frombuffer for core in ("core", "_core")},
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Reads only what a CIFAR python batch holds: a pickle naming anything else (a function that
+    would run code) is refused before anything runs."""
+
+    def find_class(self, module: str, name: str):
+        found = _CIFAR_GLOBALS.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR batch never holds; "
+                                         f"refusing to load it")
+        return found
+
+
 def _unpickle(path: Path) -> dict:
     if not path.is_file():
         raise DataError(f"CIFAR-10 file not found: {path}")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
-    except Exception as err:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except Exception as err:  # a damaged or foreign pickle fails in many ways; all mean "not a batch"
         raise DataError(f"{path}: not a CIFAR-10 python batch ({err})") from None
+    if not isinstance(batch, dict):
+        raise DataError(f"{path}: not a CIFAR-10 python batch (holds a {type(batch).__name__}, not a dict)")
+    return batch
 
 
 def _get(batch: dict, name: str, path: Path):
@@ -106,12 +149,18 @@ def read_cifar10(path: str | Path, split: str = "train") -> SourceData:
     images, labels = [], []
     for file in files:
         batch = _unpickle(file)
-        data = np.asarray(_get(batch, "data", file), dtype=np.uint8)
+        try:
+            data = np.asarray(_get(batch, "data", file), dtype=np.uint8)
+            batch_labels = [int(v) for v in _get(batch, "labels", file)]
+        except (TypeError, ValueError) as err:
+            raise DataError(f"{file}: not a CIFAR-10 python batch ({err})") from None
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise DataError(f"{file}: expected rows of 3072 bytes, got shape {data.shape}")
+        if len(batch_labels) != len(data):
+            raise DataError(f"{file}: {len(data)} images but {len(batch_labels)} labels")
         # rows are the R, G and B 32x32 planes one after the other
         images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.extend(int(v) for v in _get(batch, "labels", file))
+        labels.extend(batch_labels)
     class_names = [str(i) for i in range(10)]
     if (root / "batches.meta").is_file():
         meta = _unpickle(root / "batches.meta")
@@ -235,29 +284,21 @@ def read_folder(path: str | Path, keep_encoded: bool) -> SourceData:
         layout = "flat, no labels"
     else:
         raise DataError(f"{root}: no images found ({', '.join(FOLDER_IMAGE_EXTS)})")
-    skipped: list[str] = []
-    return SourceData(samples=_folder_samples(files, keep_encoded, skipped), num_samples=None,
-                      class_names=class_names, description=f"folder: {root} ({layout})", skipped=skipped)
+    return SourceData(samples=files, num_samples=None, class_names=class_names,
+                      description=f"folder: {root} ({layout})", skipped=[],
+                      load=partial(load_folder_file, keep_encoded=keep_encoded))
 
 
-def _folder_samples(files: list[tuple[Path, int | None]], keep_encoded: bool,
-                    skipped: list[str]) -> Iterator[tuple[Image.Image | Encoded, int | None]]:
-    import logging
-
-    log = logging.getLogger(__name__)
-    for file, label in files:
-        try:
-            data = file.read_bytes()
-            with Image.open(file) as image:
-                if keep_encoded and file.suffix.lower() in KEEP_EXTS:
-                    shape = (channels_of_mode(image.mode), image.height, image.width)
-                    image.verify()  # checks the file without a full decode; decoding happens at training
-                    item = Encoded(data=data, ext=KEEP_EXTS[file.suffix.lower()], shape=shape)
-                else:
-                    image.load()
-                    item = image.copy()
-        except Exception as err:  # an unreadable file is reported and left out of the shard set
-            log.warning("skipping unreadable image %s: %s", file, err)
-            skipped.append(str(file))
-            continue
-        yield item, label
+def load_folder_file(file: Path, keep_encoded: bool) -> tuple[Image.Image | Encoded | None, str | None]:
+    """(the image, None), or (None, why) for a file that cannot be read (left out of the shard set)."""
+    try:
+        data = file.read_bytes()
+        with Image.open(file) as image:
+            if keep_encoded and file.suffix.lower() in KEEP_EXTS:
+                shape = (channels_of_mode(image.mode), image.height, image.width)
+                image.verify()  # checks the file without a full decode; decoding happens at training
+                return Encoded(data=data, ext=KEEP_EXTS[file.suffix.lower()], shape=shape), None
+            image.load()
+            return image.copy(), None
+    except Exception as err:  # an unreadable file is reported and left out of the shard set
+        return None, f"skipping unreadable image {file}: {err}"

@@ -1,18 +1,24 @@
 """Random access to a shard set by global index.
 
 `ShardSet(root)` checks the manifest against the tars up front so a bad shard set fails before any
-training starts, and keeps a per-shard offset index in memory. With the sidecar `index.npy` that
-builds write (offsets and labels of every sample, from a scan at build time), opening costs one
-stat per tar (present, recorded size); without it (or when stale), every tar's headers are scanned
-(readable to the end, sample count). `read(i)` is then one `pread` of the image bytes plus a decode. File
-descriptors are opened lazily per process, so one ShardSet can be handed to DataLoader workers.
+training starts. With the sidecar `index.npy` that builds write (offsets and labels of every sample),
+opening costs one stat per tar (present, recorded size) and a read of the label column (labels that
+disagree with the manifest's class count are an error); without it (or when stale), every tar's
+headers are scanned (readable to the end, sample count) and their offsets kept in memory.
+`read(i)` is then one `pread` of the sample's index row, one of the image bytes, and a decode: a
+process holds none of the index, and at most `max_open_files` tars open (least recently used closed
+first). Descriptors are opened lazily and not pickled, so one ShardSet can be handed to DataLoader
+workers; a forked worker may go on using inherited ones (pread shares no file offset).
 """
 
 from __future__ import annotations
 
+import bisect
 import io
 import logging
 import os
+import stat
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +26,13 @@ import numpy as np
 from PIL import Image
 
 from dcscale.data.manifest import Manifest, load_manifest, manifest_path
-from dcscale.data.tarindex import IMAGE_EXTS, TarIndex, load_index_file, parse_label, read_labels, scan_tar
+from dcscale.data.tarindex import IMAGE_EXTS, IndexFile, TarIndex, parse_label, read_labels, scan_tar
 from dcscale.errors import DataError
 
 log = logging.getLogger(__name__)
 
 _NEARBY = 4096  # read image and label in one pread when this close together
+DEFAULT_MAX_OPEN_FILES = 64  # tars open at once in one process (each DataLoader worker is one)
 _PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
@@ -132,25 +139,30 @@ class Sample:
 
 
 class ShardSet:
-    def __init__(self, root: str | Path, verify: bool = True):
-        """verify=True (the default) scans every tar now and raises DataError on the first
-        problem; verify=False defers each shard's scan to its first read."""
+    def __init__(self, root: str | Path, verify: bool = True, max_open_files: int = DEFAULT_MAX_OPEN_FILES):
+        """verify=True (the default) checks every tar and the labels now and raises DataError on the
+        first problem; verify=False defers each shard's check to its first read. max_open_files:
+        how many tars each process keeps open at once."""
+        if max_open_files < 1:
+            raise ValueError(f"max_open_files must be >= 1, got {max_open_files}")
         self.root = Path(root)
         self.manifest: Manifest = load_manifest(self.root)
-        self._starts = np.array(self.manifest.shard_starts(), dtype=np.int64)
+        self.max_open_files = max_open_files
+        self._starts = self.manifest.shard_starts()
         self._paths = [self.root / s.name for s in self.manifest.shards]
-        self._index: list[TarIndex | None] = [None] * len(self._paths)
+        self._scanned: list[TarIndex | None] = [None] * len(self._paths)  # header scans, without index.npy
         self._labels: np.ndarray | None = None
-        self._fds: dict[int, int] = {}
-        self._pid = os.getpid()
+        self._fds: OrderedDict[int, int] = OrderedDict()  # shard id -> descriptor, least recently used first
         self._warned: set[int] = set()
         self.decode_errors = 0  # undecodable images met by read() in this process
-        self.used_index_file = self._load_index_file()
+        self._index_file = self._open_index_file()
+        self.used_index_file = self._index_file is not None
         if verify:
             for shard_id in range(len(self._paths)):
                 # with the sidecar index, present-with-the-recorded-size is the check (the build
                 # scanned these very bytes); without it, a header scan of every tar
                 self._check_file(shard_id) if self.used_index_file else self._shard_index(shard_id)
+            self.labels()  # checks them against the manifest's class count
 
     # ---- properties ----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -177,68 +189,65 @@ class ShardSet:
         return len(self._paths)
 
     # ---- index -----------------------------------------------------------------------------
-    def _shard_index(self, shard_id: int) -> TarIndex:
-        index = self._index[shard_id]
-        if index is None:
-            index = self._scan(shard_id)
-            self._index[shard_id] = index
-        return index
-
-    def _load_index_file(self) -> bool:
-        """Take the offsets (and labels) from the build's sidecar index when it matches the manifest."""
+    def _open_index_file(self) -> IndexFile | None:
+        """The build's sidecar index when it matches the manifest (else None: the tars get scanned)."""
         name, size = self.manifest.extra.get("index_file"), self.manifest.extra.get("index_file_size")
         if not name or any(s.size is None for s in self.manifest.shards):
-            return False
+            return None
         path = self.root / name
-        if not path.is_file() or path.stat().st_size != size:
-            log.info("%s: sidecar index missing or stale, scanning the tars", self.root)
-            return False
-        loaded = load_index_file(path, [s.count for s in self.manifest.shards])
-        if loaded is None:
-            return False
-        self._index, labels = loaded
-        if self.manifest.has_labels:
-            self._labels = labels
-        return True
+        try:
+            if path.stat().st_size == size:
+                return IndexFile(path, self.manifest.shard_starts())
+        except (OSError, ValueError):
+            pass
+        log.info("%s: sidecar index missing or stale, scanning the tars", self.root)
+        return None
+
+    def _shard_index(self, shard_id: int) -> TarIndex:
+        """The header scan of one shard (only without the sidecar index), done on first use."""
+        index = self._scanned[shard_id]
+        if index is None:
+            info, path = self.manifest.shards[shard_id], self._paths[shard_id]
+            self._check_file(shard_id)
+            index = scan_tar(path)
+            if len(index) != info.count:
+                raise DataError(f"{path}: holds {len(index)} samples but {manifest_path(self.root)} says {info.count}")
+            self._scanned[shard_id] = index
+        return index
 
     def _check_file(self, shard_id: int) -> None:
         info, path = self.manifest.shards[shard_id], self._paths[shard_id]
-        if not path.is_file():
+        try:
+            found = os.stat(path)  # one system call: this runs at every (re)open of a tar
+        except OSError:
+            found = None
+        if found is None or not stat.S_ISREG(found.st_mode):
             raise DataError(f"shard not found: {path} (listed in {manifest_path(self.root)})")
-        if info.size is not None and path.stat().st_size != info.size:
-            raise DataError(f"{path}: {path.stat().st_size} bytes but the manifest says {info.size} "
+        if info.size is not None and found.st_size != info.size:
+            raise DataError(f"{path}: {found.st_size} bytes but the manifest says {info.size} "
                             f"(truncated or replaced since it was indexed)")
-
-    def _scan(self, shard_id: int) -> TarIndex:
-        info, path = self.manifest.shards[shard_id], self._paths[shard_id]
-        self._check_file(shard_id)
-        index = scan_tar(path)
-        if len(index) != info.count:
-            raise DataError(f"{path}: holds {len(index)} samples but {manifest_path(self.root)} says {info.count}")
-        return index
 
     def locate(self, index: int) -> tuple[int, int]:
         """Global index -> (shard id, position in that shard)."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a shard set of {len(self)} samples")
-        shard_id = int(np.searchsorted(self._starts, index, side="right")) - 1
-        return shard_id, index - int(self._starts[shard_id])
+        shard_id = bisect.bisect_right(self._starts, index) - 1
+        return shard_id, index - self._starts[shard_id]
 
     def shard_range(self, shard_id: int) -> range:
-        return range(int(self._starts[shard_id]), int(self._starts[shard_id + 1]))
+        return range(self._starts[shard_id], self._starts[shard_id + 1])
 
     # ---- raw reads -------------------------------------------------------------------------
     def _fd(self, shard_id: int) -> int:
-        # A forked DataLoader worker inherits the parent's descriptors, which share one file
-        # offset; pread makes that harmless, but reopen per process anyway so nothing is shared.
-        if os.getpid() != self._pid:
-            self._fds = {}
-            self._pid = os.getpid()
         fd = self._fds.get(shard_id)
-        if fd is None:
-            self._check_file(shard_id)  # one stat per shard and process: catches a tar changed since
-            fd = os.open(self._paths[shard_id], os.O_RDONLY)
-            self._fds[shard_id] = fd
+        if fd is not None:
+            self._fds.move_to_end(shard_id)
+            return fd
+        self._check_file(shard_id)  # one stat per open: catches a tar changed since it was indexed
+        while len(self._fds) >= self.max_open_files:
+            os.close(self._fds.popitem(last=False)[1])
+        fd = os.open(self._paths[shard_id], os.O_RDONLY)
+        self._fds[shard_id] = fd
         return fd
 
     def _pread(self, shard_id: int, offset: int, size: int) -> bytes:
@@ -250,33 +259,30 @@ class ShardSet:
     def read_bytes(self, index: int) -> tuple[bytes, str, int | None]:
         """(encoded image bytes, extension, label or None) without decoding."""
         shard_id, pos = self.locate(index)
+        if self._index_file is not None:
+            row = self._index_file.row(index, shard_id)
+            data = self._pread(shard_id, row.image_offset, row.image_size)
+            return data, IMAGE_EXTS[row.image_ext], None if row.label < 0 else row.label
         tar = self._shard_index(shard_id)
         offset, size = int(tar.image_offset[pos]), int(tar.image_size[pos])
         ext = IMAGE_EXTS[tar.image_ext[pos]]
-        label_offset = int(tar.label_offset[pos])
-        if self._labels is None and 0 <= label_offset - (offset + size) <= _NEARBY:
+        label_offset, label_size = int(tar.label_offset[pos]), int(tar.label_size[pos])
+        if label_offset < 0:
+            return self._pread(shard_id, offset, size), ext, None
+        if 0 <= label_offset - (offset + size) <= _NEARBY:
             # dcscale writes the .cls right after the image: one read for both
-            label_size = int(tar.label_size[pos])
             span = self._pread(shard_id, offset, label_offset + label_size - offset)
-            label = parse_label(span[label_offset - offset:], self._where(shard_id, pos))
-            return span[:size], ext, label
+            return span[:size], ext, parse_label(span[label_offset - offset:], self._where(index))
         data = self._pread(shard_id, offset, size)
-        return data, ext, self._label_at(shard_id, pos)
+        return data, ext, parse_label(self._pread(shard_id, label_offset, label_size), self._where(index))
 
-    def _label_at(self, shard_id: int, pos: int) -> int | None:
-        if self._labels is not None:
-            label = int(self._labels[int(self._starts[shard_id]) + pos])
-            return None if label < 0 else label
-        tar = self._shard_index(shard_id)
-        offset = int(tar.label_offset[pos])
-        if offset < 0:
-            return None
-        data = self._pread(shard_id, offset, int(tar.label_size[pos]))
-        return parse_label(data, self._where(shard_id, pos))
-
-    def _where(self, shard_id: int, pos: int) -> str:
-        key = self._shard_index(shard_id).keys[pos].decode(errors="replace")
-        return f"{self._paths[shard_id]} sample '{key}'"
+    def _where(self, index: int) -> str:
+        shard_id, pos = self.locate(index)
+        if self._index_file is not None:
+            key = self._index_file.row(index, shard_id).key.rstrip(b"\0")
+        else:
+            key = self._shard_index(shard_id).keys[pos]
+        return f"{self._paths[shard_id]} sample '{key.decode(errors='replace')}'"
 
     # ---- public reads ----------------------------------------------------------------------
     def read(self, index: int) -> Sample | None:
@@ -305,26 +311,42 @@ class ShardSet:
         self.decode_errors += 1
         if index not in self._warned:
             self._warned.add(index)
-            shard_id, pos = self.locate(index)
-            log.warning("skipping undecodable image %d (%s): %s", index, self._where(shard_id, pos), err)
+            log.warning("skipping undecodable image %d (%s): %s", index, self._where(index), err)
 
     def labels(self) -> np.ndarray | None:
-        """Ground-truth labels by global index (int64, -1 where a sample has none), or None when the
-        shard set has no labels. Reads only the small .cls members; cached."""
+        """Ground-truth labels by global index (int32, -1 where a sample has none), or None when the
+        shard set has no labels. Read from the index's label column (or the .cls members), checked
+        against the manifest's class count, and cached."""
         if not self.manifest.has_labels:
             return None
-        if self._labels is None:  # no sidecar index: read the .cls members
-            self._labels = np.concatenate(
-                [read_labels(self._paths[s], self._shard_index(s)) for s in range(self.num_shards)]
-                or [np.zeros(0, dtype=np.int64)])
+        if self._labels is None:
+            if self._index_file is not None:
+                labels = self._index_file.labels()
+            else:
+                labels = np.concatenate([read_labels(self._paths[s], self._shard_index(s))
+                                         for s in range(self.num_shards)] or [np.zeros(0, dtype=np.int64)])
+            self._check_labels(labels)
+            self._labels = labels.astype(np.int32, copy=False)
         return self._labels
+
+    def _check_labels(self, labels: np.ndarray) -> None:
+        """Every label must be -1 (none) or one of the manifest's classes (without a class count: int32)."""
+        k = self.manifest.num_classes
+        limit = 2 ** 31 if k is None else k
+        if not len(labels) or labels.min() >= -1 and labels.max() < limit:
+            return
+        bad = int(np.argmax((labels < -1) | (labels >= limit)))
+        allowed = f"num_classes is {k}" if k is not None else "labels are 0..2147483647"
+        raise DataError(f"{manifest_path(self.root)}: {allowed} but sample {bad} ({self._where(bad)}) has label "
+                        f"{int(labels[bad])}")
 
     # ---- process hand-off ----------------------------------------------------------------------
     def close(self) -> None:
-        if os.getpid() == self._pid:
-            for fd in self._fds.values():
-                os.close(fd)
-        self._fds = {}
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = OrderedDict()
+        if self._index_file is not None:
+            self._index_file.close()
 
     def __del__(self):
         try:
@@ -333,8 +355,8 @@ class ShardSet:
             pass
 
     def __getstate__(self):
-        # Descriptors are per process: a spawned worker opens its own.
+        # Descriptors are per process (a spawned worker opens its own); the labels are re-read on demand.
         state = self.__dict__.copy()
-        state["_fds"] = {}
-        state["_pid"] = -1
+        state["_fds"] = OrderedDict()
+        state["_labels"] = None
         return state

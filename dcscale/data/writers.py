@@ -94,7 +94,10 @@ class ShardSetWriter:
     never leaves a tar that looks whole.
     """
 
-    def __init__(self, out: str | Path, samples_per_shard: int, image_format: str = "png", quality: int = 95):
+    def __init__(self, out: str | Path, samples_per_shard: int, image_format: str = "png", quality: int = 95,
+                 first_shard: int = 0):
+        """first_shard: the number of the first shard written (a writer per shard, in parallel, writes
+        the bytes one writer for all of them would)."""
         if samples_per_shard < 1:
             raise ValueError("samples_per_shard must be >= 1")
         self.out = Path(out)
@@ -105,7 +108,8 @@ class ShardSetWriter:
         self._tar: tarfile.TarFile | None = None
         self._tmp: Path | None = None
         self._count = 0
-        self._next_index = 0
+        self._first_shard = first_shard
+        self._next_index = first_shard * samples_per_shard
 
     def write(self, image: np.ndarray | Image.Image | Encoded, label: int | None) -> int:
         """Write one sample; returns its global index."""
@@ -134,14 +138,14 @@ class ShardSetWriter:
         self._tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
 
     def _open(self) -> None:
-        name = SHARD_PATTERN.format(len(self.stats.shards))
+        name = SHARD_PATTERN.format(self._first_shard + len(self.stats.shards))
         self._tmp = self.out / (name + ".tmp")
         self._tar = tarfile.open(self._tmp, mode="w", format=tarfile.USTAR_FORMAT)
         self._count = 0
 
     def _close_shard(self) -> None:
         self._tar.close()
-        name = SHARD_PATTERN.format(len(self.stats.shards))
+        name = SHARD_PATTERN.format(self._first_shard + len(self.stats.shards))
         final = self.out / name
         os.replace(self._tmp, final)
         self.stats.shards.append(ShardInfo(name=name, count=self._count, size=final.stat().st_size))

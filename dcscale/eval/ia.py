@@ -67,7 +67,7 @@ def cycle0_labels(cfg: Config, feats: np.ndarray, indices: np.ndarray, n_total: 
     seed = cycle_seed(cfg.seed, 0)
     z, _ = reduce_features(indices, feats, n_total, cfg.cluster.pca_dim, cfg.cluster.pca_sample, seed)
     centroids, _ = cluster_rows(indices, z, n_total, cfg.cluster.k, cfg.cluster.niter,
-                                cfg.cluster.max_points_per_centroid, seed)
+                                cfg.cluster.max_points_per_centroid, cfg.cluster.max_train_rows, seed)
     return assign_labels(indices, z, centroids, n_total)
 
 
@@ -168,11 +168,11 @@ def write_tensorboard(key: str, values: list, samples: list[dict], out: Path) ->
 
 def save_best_init(best: dict, path: Path) -> None:
     """A checkpoint-format file: {'model', 'config', 'image_shape', 'ia', 'seed'} (no optimizer)."""
-    from dcscale.train.checkpoint import atomic_torch_save
+    from dcscale.train.checkpoint import write_checkpoint_file
 
-    atomic_torch_save({"model": best["state"], "config": best["config"], "image_shape": best["image_shape"],
-                       "ia": best["ia"], "seed": best["seed"], "cycle": 0, "step": 0,
-                       "k": best["config"]["cluster"]["k"]}, path)
+    write_checkpoint_file({"model": best["state"], "config": best["config"], "image_shape": best["image_shape"],
+                           "ia": best["ia"], "seed": best["seed"], "cycle": 0, "step": 0,
+                           "k": best["config"]["cluster"]["k"]}, path)
 
 
 # ---- `dcscale ia` ---------------------------------------------------------------------------------
@@ -231,8 +231,10 @@ def run(args) -> int:
             save_best_init(pick, out / "best_init.pt")
             result["best_init"] = {"path": str(out / "best_init.pt"), "seed": pick["seed"], "ia": pick["ia"],
                                    "value": pick["value"]}
+            # a run directory of its own: the config's output.dir may hold another run (resume: auto
+            # would continue that one)
             cmd = (f"dcscale train --config {args.config} {' '.join(args.overrides)} {key}={chosen} "
-                   f"model.init={out / 'best_init.pt'}").replace("  ", " ")
+                   f"model.init={out / 'best_init.pt'} output.dir={out / 'train'}").replace("  ", " ")
             result["best_init"]["train_command"] = cmd
             print(f"ia: best init of {key}={chosen}: seed {pick['seed']} IA {pick['ia']:.4f}, saved "
                   f"{out / 'best_init.pt'}; train from it with:\n  {cmd}")

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from dcscale.errors import DcscaleError
+from dcscale.train.logging import metrics_lines
 
 PHASES = ("t_extract", "t_pca", "t_kmeans", "t_assign", "t_train")
 
@@ -40,7 +41,7 @@ def read_metrics(path: str | Path) -> list[dict]:
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise DcscaleError(f"no metrics file: {path} (is this a run directory?)")
-    lines = path.read_text().splitlines()
+    lines = metrics_lines(path)
     by_cycle: dict[int, dict] = {}
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -51,8 +52,8 @@ def read_metrics(path: str | Path) -> list[dict]:
             if number == len(lines):
                 break
             raise DcscaleError(f"{path} line {number}: not valid JSON") from None
-        if not isinstance(row, dict) or "cycle" not in row:
-            raise DcscaleError(f"{path} line {number}: expected a JSON object with a 'cycle' key")
+        if not isinstance(row, dict) or not isinstance(row.get("cycle"), int):
+            raise DcscaleError(f"{path} line {number}: expected a JSON object with an integer 'cycle'")
         by_cycle[int(row["cycle"])] = row
     return [by_cycle[c] for c in sorted(by_cycle)]
 

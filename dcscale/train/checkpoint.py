@@ -1,14 +1,24 @@
-"""Checkpoints: written atomically by rank 0, found again by `resume: auto`.
+"""Checkpoints: written atomically by rank 0, verified on every load, found again by `resume: auto`.
 
 Layout in the run directory: `checkpoints/last.pt` (always the newest) and periodic
 `checkpoints/cycle{C:05d}_epoch{E:03d}_step{S:08d}.pt`, of which `checkpoint.keep_last` are kept. A checkpoint is
 written to a temporary file in the same directory, flushed to disk, then renamed, so a kill at any
-moment leaves either the old file or the new one, never half of one.
+moment leaves either the old file or the new one, never half of one. last.pt is a file of its own
+(the same bytes as the newest periodic one), so damage to one leaves the other.
+
+A checkpoint holds only tensors and dicts/lists of plain values, and is read with
+`torch.load(weights_only=True)`: a crafted file cannot run code when read, it is refused. It also
+holds the sha256 of its content, checked on load: a damaged file is refused, and `resume: auto`
+falls back to the newest intact one.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -16,7 +26,14 @@ import torch
 
 from dcscale.errors import DcscaleError
 
+FORMAT = 2  # 2: weights_only-loadable, with a content checksum
+DIGEST_KEY = "sha256"
 _PERIODIC = re.compile(r"cycle(\d+)_epoch(\d+)_step(\d+)\.pt$")
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class CheckpointError(DcscaleError):
+    """A checkpoint file that cannot be used: missing, unreadable, damaged or refused."""
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -24,61 +41,235 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def atomic_write(path: Path, write) -> None:
-    """`write(binary_file)` into a temporary file beside `path`, flushed to disk, then renamed over it."""
+    """`write(binary_file)` into a temporary file beside `path`, flushed to disk, then renamed over it.
+
+    On failure (a full disk) the temporary file is removed and `path` is left as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    atomic_write(path, lambda f: torch.save(obj, f))
+def content_digest(obj) -> str:
+    """sha256 over a checkpoint's content: every tensor's dtype, shape and bytes, every plain value."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for key, value in obj.items():
+            _feed(h, key)
+            _feed(h, value)
+    elif isinstance(obj, (list, tuple)):  # (weights_only keeps tuples, but a list is the same content)
+        h.update(f"L{len(obj)}".encode())
+        for value in obj:
+            _feed(h, value)
+    elif obj is None or isinstance(obj, (bool, int, float, str)):
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+    else:  # only tensors and plain values load under weights_only
+        raise TypeError(f"checkpoint value of type {type(obj).__name__} is not a tensor or a plain value")
+
+
+def _on_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
+
+
+def serialize(state: dict) -> bytes:
+    """The bytes of a checkpoint file: `state` (on the CPU) plus the checksum of its content."""
+    state = _on_cpu(state)
+    state[DIGEST_KEY] = content_digest(state)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def write_checkpoint_file(state: dict, path: Path) -> None:
+    data = serialize(state)
+    atomic_write(path, lambda f: f.write(data))
 
 
 def save_checkpoint(state: dict, run_dir: str | Path, keep_last: int) -> Path:
-    """Write `state` as last.pt and as a periodic file; prune old periodic files."""
+    """Write `state` as last.pt and (keep_last > 0) as a periodic file; prune older periodic files.
+
+    last.pt is written first, so it is never older than the newest periodic file. A failed write
+    (a full disk) raises a one-line error saying that the previous checkpoints are intact."""
     folder = checkpoint_dir(run_dir)
-    periodic = folder / f"cycle{state['cycle']:05d}_epoch{state['epoch']:03d}_step{state['step']:08d}.pt"
-    atomic_torch_save(state, periodic)
-    # last.pt is a hard link to the periodic file when possible (no second write of a large file).
-    tmp_last = folder / f".last.pt.{os.getpid()}.tmp"
+    position = (state["cycle"], state["epoch"], state["step"])
+    periodic = folder / "cycle{:05d}_epoch{:03d}_step{:08d}.pt".format(*position)
+    intact = newest_checkpoint(run_dir)
+    data = serialize(state)
+    target = folder / "last.pt"
     try:
-        if tmp_last.exists():
-            tmp_last.unlink()
-        os.link(periodic, tmp_last)
-        os.replace(tmp_last, folder / "last.pt")
-    except OSError:
-        atomic_torch_save(state, folder / "last.pt")
-    _prune(folder, keep_last)
-    return periodic
+        atomic_write(target, lambda f: f.write(data))
+        intact = target
+        if keep_last > 0:
+            target = periodic
+            atomic_write(target, lambda f: f.write(data))
+    except OSError as err:
+        raise write_failure(err, intact, target) from None
+    _prune(folder, keep_last, position)
+    return folder / "last.pt"
 
 
-def _prune(folder: Path, keep_last: int) -> None:
-    periodic = sorted(p for p in folder.glob("cycle*_epoch*_step*.pt") if _PERIODIC.search(p.name))
-    for old in periodic[: max(len(periodic) - max(keep_last, 1), 0)]:
+def write_failure(err: OSError, intact: Path | None, target: Path | None = None) -> DcscaleError:
+    """One line for a write to `target` that failed (a full disk, a directory made read-only): what
+    failed, and that the checkpoints already written are untouched (every write goes to a temporary
+    file first)."""
+    what = f"cannot write {target or err.filename or 'a file'}: {err.strerror or err}"
+    if err.errno in NO_SPACE:
+        what += " (the disk or quota is full)"
+    if intact is not None:
+        return DcscaleError(f"{what}; nothing was lost: the newest checkpoint {intact} is intact "
+                            f"(free space, then run again with resume=auto)")
+    return DcscaleError(f"{what}; no checkpoint had been written yet, so a new run starts over")
+
+
+def newest_checkpoint(run_dir: str | Path) -> Path | None:
+    """last.pt, or the newest periodic checkpoint, when the run has one (not verified)."""
+    folder = checkpoint_dir(run_dir)
+    if (folder / "last.pt").is_file():
+        return folder / "last.pt"
+    periodic = periodic_checkpoints(folder)
+    return periodic[0][1] if periodic else None
+
+
+def periodic_checkpoints(folder: Path) -> list[tuple[tuple[int, int, int], Path]]:
+    """(position (cycle, epoch, step), path) of every periodic checkpoint, newest first."""
+    found = []
+    for path in folder.glob("cycle*_epoch*_step*.pt"):
+        match = _PERIODIC.fullmatch(path.name)
+        if match:
+            found.append((tuple(int(g) for g in match.groups()), path))
+    return sorted(found, reverse=True)
+
+
+def _prune(folder: Path, keep_last: int, written: tuple[int, int, int]) -> None:
+    """Remove periodic files older than the `keep_last` newest, never one newer than the one just
+    written (not this run's; the run directory's lock keeps other writers out anyway)."""
+    ours = [path for position, path in periodic_checkpoints(folder) if position <= written]
+    for old in ours[keep_last:]:
         old.unlink(missing_ok=True)
-    for stale in folder.glob(".*.tmp"):  # left by a process killed mid-write
+
+
+def reset_timeline(run_dir: str | Path, resumed_from: Path | None, position: tuple[int, int, int] | None) -> list[str]:
+    """Make the run directory's checkpoints one history that ends where this run starts.
+
+    Called by the run directory's lock holder before its first checkpoint. Temporary files left by
+    a killed writer go. A fresh run (or one started from another run's checkpoint) removes the
+    checkpoints an earlier run left here; a resumed run removes periodic files beyond its starting
+    point (damaged ones it fell back from, or a history it was told to leave by `resume: PATH`) and
+    makes last.pt a copy of the checkpoint it started from. Returns notes for the user.
+    """
+    folder = checkpoint_dir(run_dir)
+    for stale in folder.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
+    last = folder / "last.pt"
+    periodic = periodic_checkpoints(folder)
+    if resumed_from is None or not in_run_dir(resumed_from, run_dir):
+        old = [path for _, path in periodic] + ([last] if last.is_file() else [])
+        for path in old:
+            path.unlink()
+        if old:
+            return [f"removed {len(old)} checkpoint(s) of an earlier run in {folder} (this run starts "
+                    f"{'from ' + str(resumed_from) if resumed_from else 'over'})"]
+        return []
+    beyond = [path for pos, path in periodic if pos > position]
+    for path in beyond:
+        path.unlink()
+    notes = [f"removed {len(beyond)} checkpoint(s) after the starting point: {', '.join(p.name for p in beyond)}"] \
+        if beyond else []
+    if resumed_from.resolve() != last.resolve():
+        data = resumed_from.read_bytes()
+        atomic_write(last, lambda f: f.write(data))
+    return notes
 
 
-def find_resume_checkpoint(resume: str | None, run_dir: str | Path) -> Path | None:
-    """`auto`: the run directory's last.pt if any (None for a fresh run); else the given path."""
+def in_run_dir(path: Path, run_dir: str | Path) -> bool:
+    """Whether a checkpoint is one of the run directory's own (not another run's)."""
+    return path.resolve().parent == checkpoint_dir(run_dir).resolve()
+
+
+def find_resume_checkpoint(resume: str | None, run_dir: str | Path) -> tuple[Path | None, dict | None, str | None]:
+    """(path, loaded checkpoint, note) to resume from, or (None, None, None) for a fresh run.
+
+    `auto`: the run directory's newest intact checkpoint (last.pt, else the newest good periodic
+    one, with a note naming what was skipped and why); a run directory with checkpoints but none
+    intact is an error, not a fresh start. A given path must exist and be intact.
+    """
     if resume is None:
-        return None
-    if resume == "auto":
-        last = checkpoint_dir(run_dir) / "last.pt"
-        return last if last.is_file() else None
-    path = Path(resume)
-    if not path.is_file():
-        raise DcscaleError(f"resume checkpoint not found: {path}")
-    return path
+        return None, None, None
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_file():
+            raise CheckpointError(f"resume checkpoint not found: {path}")
+        return path, load_checkpoint(path), None
+    folder = checkpoint_dir(run_dir)
+    candidates = ([folder / "last.pt"] if (folder / "last.pt").is_file() else [])
+    candidates += [path for _, path in periodic_checkpoints(folder)]
+    refused: list[str] = []
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as err:
+            refused.append(str(err))
+            continue
+        note = None
+        if refused:
+            more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+            note = f"{refused[0]}{more}; resuming from {path}, the newest intact checkpoint"
+        return path, ckpt, note
+    if refused:
+        more = f" (and {len(refused) - 1} more, none intact)" if len(refused) > 1 else ""
+        raise CheckpointError(f"no intact checkpoint to resume from in {folder}: {refused[0]}{more}; move the "
+                              f"run directory aside and start a new run, or give resume=PATH")
+    return None, None, None
 
 
 def load_checkpoint(path: Path) -> dict:
+    """A checkpoint's content, read without unpickling anything but tensors and plain values; its
+    checksum is verified when it has one (a file made elsewhere, e.g. for model.init, may not)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file: say which, not a pickle traceback
-        raise DcscaleError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except pickle.UnpicklingError as err:
+        detail = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if detail:
+            raise CheckpointError(f"{path}: refused: it holds a Python object ({detail.group(1)}) that loading would "
+                                  f"call, not only tensors and plain values") from None
+        raise CheckpointError(f"{path}: damaged or not a checkpoint ({_first_line(err)})") from None
+    except Exception as err:  # a truncated, damaged or foreign file: say which, not a traceback
+        raise CheckpointError(f"{path}: damaged or not a checkpoint ({type(err).__name__}: "
+                              f"{_first_line(err)})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a dcscale checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+    digest = ckpt.pop(DIGEST_KEY, None)
+    if digest is not None and content_digest(ckpt) != digest:
+        raise CheckpointError(f"{path}: damaged: its content does not match the checksum written with it")
+    return ckpt
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line.split(". ")[0]

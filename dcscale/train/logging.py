@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dcscale.errors import DcscaleError
+
 PHASES = ("extract", "pca", "kmeans", "assign", "train")
 
 
@@ -38,7 +40,7 @@ class MetricsLogger:
         if not self.path.exists():
             return
         kept = []
-        for line in self.path.read_text().splitlines():
+        for line in metrics_lines(self.path):
             try:
                 if json.loads(line).get("cycle", -1) < cycle:
                     kept.append(line)
@@ -63,6 +65,25 @@ class MetricsLogger:
 
     def close(self) -> None:
         self.tb.close()
+
+
+def metrics_lines(path: Path) -> list[str]:
+    """The lines of a metrics.jsonl. A kill can cut the last line short, but only damage (a disk fault,
+    a crash that left zeros, another program) leaves bytes that are not text: those stop with one line."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DcscaleError(f"cannot read {path}: {err.strerror}") from None
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            raw.decode("utf-8")
+            damaged = b"\x00" in raw
+        except UnicodeDecodeError:
+            damaged = True
+        if damaged:
+            raise DcscaleError(f"{path} line {number}: binary data, not text (damaged); keep the lines before it "
+                               f"(head -n {number - 1} {path} > fixed && mv fixed {path}) and run again")
+    return data.decode("utf-8").splitlines()
 
 
 def _tb_name(key: str) -> str:

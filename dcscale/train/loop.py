@@ -24,9 +24,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from dcscale import dist
-from dcscale.cluster.kmeans import cycle_seed
+from dcscale.cluster.kmeans import cycle_seed, kmeans_memory_bytes, physical_memory_bytes
 from dcscale.cluster.metrics import cluster_stats, nmi
-from dcscale.config import Config, config_to_dict, save_config
+from dcscale.config import Config, config_to_dict
 from dcscale.data.loaders import SeededDraws
 from dcscale.data.sampler import UniformClusterSampler
 from dcscale.data.shardset import ShardSet
@@ -34,8 +34,10 @@ from dcscale.data.transforms import eval_transform, train_transform
 from dcscale.errors import DcscaleError
 from dcscale.models import build_model_from_config
 from dcscale.train import phases
-from dcscale.train.checkpoint import atomic_write, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from dcscale.train.checkpoint import (FORMAT, atomic_write, find_resume_checkpoint, in_run_dir, load_checkpoint,
+                                     newest_checkpoint, reset_timeline, save_checkpoint, write_failure)
 from dcscale.train.logging import MetricsLogger, console_line
+from dcscale.train.rundir import check_same_run, claim_run_dir, decided_by_main, release_run_dir, write_run_config
 
 log = logging.getLogger("dcscale")
 
@@ -86,18 +88,24 @@ def train(cfg: Config) -> dict:
                                weight_decay=cfg.train.weight_decay)
     head_opt = None
 
-    state = RunState()
-    resume_path = find_resume_checkpoint(cfg.resume, run_dir)
+    # Rank 0 locks the run directory and picks the checkpoint to resume from; every rank learns which,
+    # or rank 0's one-line reason to stop.
+    resume_path, ckpt = decided_by_main(lambda: claim_and_find(cfg.resume, run_dir))
+    state, changes = RunState(), []
     if resume_path is not None:
-        state, head_opt = restore(resume_path, model, body_opt, cfg)
-    logger = None
+        resume_path = Path(resume_path)
+        ckpt = ckpt if env.is_main else load_checkpoint(resume_path)
+        if in_run_dir(resume_path, run_dir):  # continuing this run: it must be the same config
+            changes = check_same_run(ckpt.get("config", {}), cfg, run_dir)
+        state, head_opt = restore(ckpt, resume_path, model, body_opt, cfg, len(shards), (channels, image_size))
+        del ckpt
+    # Only now, with every input checked, does the run write into its directory.
+    _, logger = decided_by_main(lambda: (None, open_run_dir(cfg, run_dir, resume_path, state, changes)))
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        logger = MetricsLogger(run_dir, resume_cycle=state.cycle)
         where = f"resuming from {resume_path} at cycle {state.cycle} step {state.step}" if resume_path else "fresh run"
         print(f"dcscale train: {len(shards)} images, {cfg.model.arch}, K={cfg.cluster.k}, "
-              f"{env.world_size} process(es), {where}; run dir {run_dir}", flush=True)
+              f"{env.world_size} process(es) x {env.threads} thread(s) ({env.threads_from}), {where}; "
+              f"run dir {run_dir}", flush=True)
 
     history = []
     while state.cycle < cfg.train.cycles:
@@ -110,8 +118,8 @@ def train(cfg: Config) -> dict:
                 state.prev_labels, state.labels = state.labels, new_labels
                 state.skipped_images = skipped
                 state.cycle_metrics.update(cluster_metrics)
-                if env.is_main:
-                    atomic_write(run_dir / "labels.npy", lambda f: np.save(f, state.labels))
+                written_by_main(run_dir, lambda: atomic_write(run_dir / "labels.npy",
+                                                              lambda f: np.save(f, state.labels)))
             else:
                 state.cycle_metrics.update({"t_extract": 0.0, "t_pca": 0.0, "t_kmeans": 0.0, "t_assign": 0.0,
                                             "objective": None})
@@ -132,32 +140,103 @@ def train(cfg: Config) -> dict:
 
             metrics["knn_top1"] = knn_monitor(model, shards, knn_queries, eval_tf, env, cfg)
         history.append(metrics)
+        sizes = cluster_stats(state.labels, cfg.cluster.k)["sizes"]
+        written_by_main(run_dir, lambda: logger.log_cycle(metrics, sizes))
         if env.is_main:
-            sizes = cluster_stats(state.labels, cfg.cluster.k)["sizes"]
-            logger.log_cycle(metrics, sizes)
             print(console_line(metrics), flush=True)
         # The cycle is done: the next checkpoint position is the start of the next cycle.
         state.cycle, state.epoch, state.step = cycle + 1, 0, 0
         state.clustered_this_cycle = False
         state.cycle_metrics = {}
-        if env.is_main:
-            save_checkpoint(checkpoint_state(model, body_opt, None, state, cfg, channels, image_size),
-                            run_dir, cfg.checkpoint.keep_last)
-        dist.barrier()
+        save_run_checkpoint(model, body_opt, None, state, cfg, run_dir, (channels, image_size))
 
     if env.is_main:
         logger.close()
         print_summary(history, run_dir)
+        release_run_dir(run_dir)
     return history[-1] if history else {}
+
+
+def claim_and_find(resume: str | None, run_dir: Path) -> tuple[str | None, dict | None]:
+    """(rank 0) Lock the run directory, then find the checkpoint to resume from, verified:
+    (its path for every rank, its content for rank 0)."""
+    claim_run_dir(run_dir)
+    path, ckpt, note = find_resume_checkpoint(resume, run_dir)
+    if note:
+        log.warning(note)
+    return (str(path) if path else None), ckpt
+
+
+def open_run_dir(cfg: Config, run_dir: Path, resume_path: Path | None, state: RunState, changes: list):
+    """(rank 0) The run's first writes: its checkpoints made one history ending where it starts,
+    config.yaml (with the changes made on resume), labels.npy and the metrics logger."""
+    try:
+        position = (state.cycle, state.epoch, state.step) if resume_path else None
+        for note in reset_timeline(run_dir, resume_path, position):
+            log.warning(note)
+        own = resume_path is not None and in_run_dir(resume_path, run_dir)
+        write_run_config(cfg, run_dir, changes, state.cycle, resumed=own)
+        if state.labels is not None:
+            atomic_write(run_dir / "labels.npy", lambda f: np.save(f, state.labels))
+        return MetricsLogger(run_dir, resume_cycle=state.cycle)
+    except OSError as err:
+        raise write_failure(err, newest_checkpoint(run_dir)) from None
+
+
+def written_by_main(run_dir: Path, write) -> None:
+    """Rank 0 runs `write()`; a write that fails (a full disk) stops every rank with rank 0's line."""
+    def attempt() -> tuple[None, None]:
+        try:
+            write()
+        except OSError as err:
+            raise write_failure(err, newest_checkpoint(run_dir)) from None
+        return None, None
+
+    decided_by_main(attempt)
+
+
+def save_run_checkpoint(model, body_opt, head_opt, state: RunState, cfg: Config, run_dir: Path,
+                        shape: tuple[int, int]) -> None:
+    written_by_main(run_dir, lambda: save_checkpoint(checkpoint_state(model, body_opt, head_opt, state, cfg, *shape),
+                                                     run_dir, cfg.checkpoint.keep_last))
+    dist.barrier()
 
 
 def check_clusterable(cfg: Config, model, shards: ShardSet) -> None:
     """Fail before any work on settings that could only fail after a whole extraction pass."""
-    if len(shards) == 0:
+    c, n = cfg.cluster, len(shards)
+    if n == 0:
         raise DcscaleError(f"{shards.root}: the shard set is empty")
-    if cfg.cluster.pca_dim is not None and cfg.cluster.pca_dim > model.feature_dim:
-        raise DcscaleError(f"cluster.pca_dim = {cfg.cluster.pca_dim} is more than the {model.feature_dim} "
+    if c.pca_dim is not None and c.pca_dim > model.feature_dim:
+        raise DcscaleError(f"cluster.pca_dim = {c.pca_dim} is more than the {model.feature_dim} "
                            f"feature dimensions of {cfg.model.arch}; use at most {model.feature_dim}, or null")
+    dim = model.feature_dim if c.pca_dim is None else c.pca_dim
+    n_train = n if c.max_train_rows is None else min(n, c.max_train_rows)
+    if c.max_points_per_centroid is not None:
+        n_train = min(n_train, c.k * c.max_points_per_centroid)
+    need, have = kmeans_memory_bytes(n_train, c.k, dim), physical_memory_bytes()
+    if need > have:
+        raise DcscaleError(f"cluster.k = {c.k} needs about {need / 2**30:,.1f} GiB on rank 0 for k-means "
+                           f"({max(n_train, c.k):,} training rows and {c.k:,} centroids of {dim} dims), more than "
+                           f"this machine's {have / 2**30:,.1f} GiB; lower cluster.k")
+    if c.k > n:
+        raise DcscaleError(f"cluster.k = {c.k} is more than the {n} images of {shards.root}: at least "
+                           f"{c.k - n} cluster(s) would stay empty; use at most {n}")
+    if c.max_train_rows is not None and c.max_train_rows < c.k:
+        raise DcscaleError(f"cluster.max_train_rows = {c.max_train_rows} is less than cluster.k = {c.k}: "
+                           f"every centroid needs training rows; raise it (or null for every row)")
+
+
+def check_decodable(cfg: Config, shards: ShardSet, n_decoded: int) -> None:
+    """After extraction (n_decoded summed over ranks, so every rank decides alike): enough images to
+    cluster."""
+    n = len(shards)
+    if n_decoded < 2:
+        raise DcscaleError(f"{shards.root}: only {n_decoded} of its {n} images could be decoded; clustering "
+                           f"needs at least 2")
+    if cfg.cluster.k > n_decoded:
+        raise DcscaleError(f"cluster.k = {cfg.cluster.k} is more than the {n_decoded} decodable images of "
+                           f"{shards.root} ({n - n_decoded} could not be decoded); use at most {n_decoded}")
 
 
 def monitor_shards(cfg: Config) -> ShardSet | None:
@@ -191,15 +270,16 @@ def cluster_cycle(model, shards, eval_tf, env, cfg: Config, cycle: int) -> tuple
                                                       cfg.data.extract_batch_size, cfg.data.workers,
                                                       cfg.cluster.feature_dtype, model.feature_dim)
     t1 = time.perf_counter()
+    n_skipped = int(dist.all_reduce_sum([len(skipped)])[0])
+    check_decodable(cfg, shards, n_total - n_skipped)
     z, _ = phases.reduce_features(indices, feats, n_total, cfg.cluster.pca_dim, cfg.cluster.pca_sample, seed)
-    del feats
+    del feats  # the only reference: the raw features are gone before k-means
     t2 = time.perf_counter()
     centroids, _ = phases.cluster_rows(indices, z, n_total, cfg.cluster.k, cfg.cluster.niter,
-                                       cfg.cluster.max_points_per_centroid, seed)
+                                       cfg.cluster.max_points_per_centroid, cfg.cluster.max_train_rows, seed)
     t3 = time.perf_counter()
     labels, objective = phases.assign_labels(indices, z, centroids, n_total)
     t4 = time.perf_counter()
-    n_skipped = int(dist.all_reduce_sum([len(skipped)])[0])
     if n_skipped and env.is_main:
         log.warning("cycle %d: %d undecodable image(s) skipped (label -1, never drawn)", cycle, n_skipped)
     # Phase times are rank 0's; images/s counts the whole shard set.
@@ -240,11 +320,14 @@ def train_cycle(model, body_opt, head_opt, shards, train_tf, env, cfg: Config, s
     dataset = SeededDraws(shards, state.labels, train_tf, cfg.seed, state.cycle)
     t_before = state.cycle_metrics.get("t_train", 0.0)
     t_start = time.perf_counter()
+    # once per cycle (the labels are fixed within it): it keeps the per-cluster counts across epochs
+    sampler = UniformClusterSampler(state.labels, world_size=env.world_size, rank=env.rank,
+                                    seed=cycle_seed(cfg.seed, state.cycle))
     while state.epoch < cfg.train.epochs_per_cycle:
         epoch_seed = cycle_seed(cfg.seed, state.cycle) * 1000 + state.epoch
         start = state.step * cfg.train.batch_size
-        sampler = UniformClusterSampler(state.labels, world_size=env.world_size, rank=env.rank,
-                                        seed=cycle_seed(cfg.seed, state.cycle), epoch=state.epoch, start=start)
+        sampler.set_epoch(state.epoch)
+        sampler.set_start(start)
         steps_per_epoch = math.ceil(sampler.per_rank / cfg.train.batch_size)
         dataset.epoch = state.epoch
         loader = torch.utils.data.DataLoader(
@@ -260,15 +343,17 @@ def train_cycle(model, body_opt, head_opt, shards, train_tf, env, cfg: Config, s
             # The epoch's last step is followed by the cycle-end (or next epoch's) checkpoint.
             if every and step % every == 0 and step < steps_per_epoch:
                 state.cycle_metrics["t_train"] = t_before + time.perf_counter() - t_start
-                write_mid_epoch_checkpoint(model, body_opt, head_opt, state, totals, cfg, env, run_dir, shape)
+                write_mid_epoch_checkpoint(model, body_opt, head_opt, state, totals, cfg, run_dir, shape)
 
         try:
             state.totals = phases.train_steps(ddp, loader, [body_opt, head_opt], env, state.step, on_step,
                                               state.totals)
         except phases.NonFiniteLoss as err:
+            newest = newest_checkpoint(run_dir)
+            left = f"the newest checkpoint, {newest}, was written before it" if newest else \
+                "no checkpoint was written yet, so a new run starts over"
             raise DcscaleError(f"loss is NaN or infinite at cycle {state.cycle}, epoch {state.epoch}, step "
-                               f"{err.step}; stopping (the last good checkpoint stays in "
-                               f"{run_dir / 'checkpoints'})") from None
+                               f"{err.step}; stopping ({left})") from None
         state.epoch += 1
         state.step = 0
     if env.distributed:
@@ -281,15 +366,12 @@ def train_cycle(model, body_opt, head_opt, shards, train_tf, env, cfg: Config, s
 
 
 def write_mid_epoch_checkpoint(model, body_opt, head_opt, state: RunState, totals: dict, cfg: Config,
-                               env, run_dir: Path, shape: tuple[int, int]) -> None:
+                               run_dir: Path, shape: tuple[int, int]) -> None:
     # Every rank's running totals are summed into rank 0's copy, so the resumed run (which starts the
     # other ranks from zero) ends the cycle with the same loss as an uninterrupted one.
     summed = summed_totals(totals)
-    if env.is_main:
-        saved = RunState(**{**state.__dict__, "totals": summed})
-        save_checkpoint(checkpoint_state(model, body_opt, head_opt, saved, cfg, *shape),
-                        run_dir, cfg.checkpoint.keep_last)
-    dist.barrier()
+    saved = RunState(**{**state.__dict__, "totals": summed})
+    save_run_checkpoint(model, body_opt, head_opt, saved, cfg, run_dir, shape)
 
 
 def finish_cycle_metrics(state: RunState) -> dict:
@@ -326,16 +408,17 @@ class WithPositions(torch.utils.data.Sampler):
 
 
 def checkpoint_state(model, body_opt, head_opt, state: RunState, cfg: Config, channels: int, image_size: int) -> dict:
+    """Everything a resume needs, as tensors and plain values only (what weights_only loading reads)."""
     return {
-        "format": 1,
+        "format": FORMAT,
         "model": model.state_dict(),
         "body_optimizer": body_opt.state_dict(),
         "head_optimizer": head_opt.state_dict() if head_opt is not None else None,
         "cycle": state.cycle, "epoch": state.epoch, "step": state.step,
         "clustered_this_cycle": state.clustered_this_cycle,
-        "labels": state.labels, "prev_labels": state.prev_labels,
-        "cycle_metrics": state.cycle_metrics, "totals": state.totals,
-        "skipped_images": state.skipped_images,
+        "labels": _tensor_or_none(state.labels), "prev_labels": _tensor_or_none(state.prev_labels),
+        "cycle_metrics": plain_values(state.cycle_metrics), "totals": plain_values(state.totals),
+        "skipped_images": int(state.skipped_images),
         "rng": torch.get_rng_state(),
         # dropout on a GPU draws from the device's generator; every rank's matches rank 0's (same
         # seed, same ops), so rank 0's state serves all
@@ -348,14 +431,26 @@ def checkpoint_state(model, body_opt, head_opt, state: RunState, cfg: Config, ch
     }
 
 
-def restore(path: Path, model, body_opt, cfg: Config):
-    ckpt = load_checkpoint(path)
-    check_resumable(ckpt, path, cfg)
-    model.reset_head(ckpt.get("k", cfg.cluster.k))
-    model.load_state_dict(ckpt["model"])
+def _tensor_or_none(labels: np.ndarray | None) -> torch.Tensor | None:
+    return None if labels is None else torch.from_numpy(np.ascontiguousarray(labels))
+
+
+def plain_values(values: dict) -> dict:
+    """numpy scalars as Python ones (the same value; only Python's load without unpickling)."""
+    return {k: v.item() if isinstance(v, np.generic) else v for k, v in values.items()}
+
+
+def restore(ckpt: dict, path: Path, model, body_opt, cfg: Config, n_images: int, shape: tuple[int, int]):
+    """(RunState, head optimizer or None) from a loaded checkpoint, into `model` and `body_opt`."""
+    check_resumable(ckpt, path, cfg, n_images, shape)
+    model.reset_head(ckpt["k"])
+    try:
+        model.load_state_dict(ckpt["model"])
+        body_opt.load_state_dict(ckpt["body_optimizer"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise DcscaleError(f"{path}: its weights do not fit this run's {cfg.model.arch} ({load_error(err)})") from None
     device = next(model.parameters()).device
     model.head.to(device)
-    body_opt.load_state_dict(ckpt["body_optimizer"])
     head_opt = None
     if ckpt.get("head_optimizer") is not None:
         head_opt = new_head_optimizer(model, cfg)
@@ -366,15 +461,39 @@ def restore(path: Path, model, body_opt, cfg: Config):
     dist_env = dist.get_env()
     totals = ckpt["totals"] if dist_env.is_main else zero_totals()
     state = RunState(cycle=ckpt["cycle"], epoch=ckpt["epoch"], step=ckpt["step"],
-                     clustered_this_cycle=ckpt["clustered_this_cycle"], labels=ckpt["labels"],
-                     prev_labels=ckpt["prev_labels"], cycle_metrics=dict(ckpt["cycle_metrics"]),
+                     clustered_this_cycle=ckpt["clustered_this_cycle"], labels=_array_or_none(ckpt["labels"]),
+                     prev_labels=_array_or_none(ckpt["prev_labels"]), cycle_metrics=dict(ckpt["cycle_metrics"]),
                      totals=dict(totals), skipped_images=ckpt.get("skipped_images", 0))
     return state, head_opt
 
 
-def check_resumable(ckpt: dict, path: Path, cfg: Config) -> None:
-    """A mid-epoch position only means something for the world size and per-rank batch size that
-    wrote it (the sampler's share and the step count depend on both)."""
+def _array_or_none(labels: torch.Tensor | None) -> np.ndarray | None:
+    return None if labels is None else labels.numpy()
+
+
+def check_resumable(ckpt: dict, path: Path, cfg: Config, n_images: int, shape: tuple[int, int]) -> None:
+    """One line for a checkpoint this run cannot continue: not a training checkpoint of this format,
+    another network or input shape, another shard set size; and a mid-epoch position only means
+    something for the world size and per-rank batch size that wrote it (the sampler's share and the
+    step count depend on both)."""
+    if "body_optimizer" not in ckpt:
+        raise DcscaleError(f"{path} is not a training checkpoint (no optimizer state); to start from its weights, "
+                           f"give it as model.init")
+    if ckpt.get("format") != FORMAT:
+        raise DcscaleError(f"{path} was written by another dcscale version (checkpoint format {ckpt.get('format')}, "
+                           f"this one reads {FORMAT}); start a new run with model.init={path} to keep its weights")
+    saved_arch = ckpt.get("config", {}).get("model", {}).get("arch", cfg.model.arch)
+    if saved_arch != cfg.model.arch:
+        raise DcscaleError(f"{path} holds a {saved_arch} network; this run builds a {cfg.model.arch} (model.arch)")
+    channels, image_size = shape
+    want = [channels, image_size, image_size]
+    if list(ckpt.get("image_shape", want)) != want:
+        c, h, w = ckpt["image_shape"]
+        raise DcscaleError(f"{path} was written for {c}x{h}x{w} inputs; this run's are {channels}x{image_size}x"
+                           f"{image_size} ({cfg.data.train}, data.image_size)")
+    if ckpt.get("labels") is not None and len(ckpt["labels"]) != n_images:
+        raise DcscaleError(f"{path} was written for a shard set of {len(ckpt['labels'])} images; {cfg.data.train} "
+                           f"has {n_images}: resume on the shard set the run trained on, or give a new output.dir")
     mid_epoch = ckpt.get("step", 0) > 0 or ckpt.get("epoch", 0) > 0
     world_size = dist.get_env().world_size
     saved_ws, saved_bs = ckpt.get("world_size", world_size), ckpt.get("batch_size", cfg.train.batch_size)
@@ -388,12 +507,27 @@ def check_resumable(ckpt: dict, path: Path, cfg: Config) -> None:
 
 def load_initial_weights(model, path: str) -> None:
     """Start from given weights (e.g. the best random init found by `dcscale ia --select-seed`)."""
-    ckpt = load_checkpoint(Path(path))
+    try:
+        ckpt = load_checkpoint(Path(path))
+    except DcscaleError as err:
+        raise DcscaleError(f"model.init: {err}") from None
+    if not isinstance(ckpt.get("model"), dict):
+        raise DcscaleError(f"model.init {path}: no 'model' weights in it")
     weights = {k: v for k, v in ckpt["model"].items() if not k.startswith("head.")}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # a shape mismatch
+        raise DcscaleError(f"model.init {path}: weights do not fit {type(model).__name__} "
+                           f"({load_error(err)})") from None
     if unexpected or any(not k.startswith("head.") for k in missing):
         raise DcscaleError(f"model.init {path}: weights do not fit {type(model).__name__} "
                            f"(missing {len(missing)}, unexpected {len(unexpected)})")
+
+
+def load_error(err: Exception) -> str:
+    """The telling line of a load_state_dict error (its first line only names the model)."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    return lines[1] if len(lines) > 1 else (lines[0] if lines else type(err).__name__)
 
 
 def print_summary(history: list[dict], run_dir: Path) -> None:

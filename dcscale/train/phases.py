@@ -2,19 +2,22 @@
 
 Each phase takes explicit inputs and returns explicit outputs; `dcscale.train.loop` calls them in
 order. Data flow (see DESIGN.md): every rank works on its own contiguous slice of the shard set; only
-the PCA sample and the k-means training rows travel to rank 0; the PCA matrix and the centroids
-travel back; the N-long label array is all-gathered. Nothing of size N x D sits on one host.
+the PCA sample and the k-means training rows (at most cluster.max_train_rows) travel to rank 0; the
+PCA matrix and the centroids travel back; the N-long label array is all-gathered. Nothing of size
+N x D sits on one host, and a rank's features exist once: in one array of its slice, then projected
+chunk by chunk into the (smaller) reduced rows.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
 import torch
 
 from dcscale import dist
-from dcscale.cluster.kmeans import assign, train_kmeans, training_row_indices
+from dcscale.cluster.kmeans import assign, faiss_threads, train_kmeans, training_row_indices, usable_cores
 from dcscale.cluster.pca import PCA, apply_pca, fit_pca
 from dcscale.data.loaders import extraction_loader
 from dcscale.data.partition import rank_range
@@ -34,70 +37,101 @@ def extract_features(model_fn, shardset, transform, env: dist.DistEnv, batch_siz
                      dtype: str = "float32", feature_dim: int | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Run this rank's contiguous slice through `model_fn` (batch -> [B, D] features).
 
-    Returns (global indices int64 [n_r], features [n_r, D] in `dtype`, skipped global indices).
+    Returns (global indices int64 [n_r], features [n_r, D] in `dtype`, skipped global indices); the
+    features of decoded images only, in index order.
     """
     # The transform's float work (resize, crop, normalise) runs on env.device, on whole batches.
     loader = extraction_loader(shardset, transform, rank=env.rank, world_size=env.world_size,
                                batch_size=batch_size, num_workers=workers,
                                pin_memory=torch.device(env.device).type == "cuda", device=env.device)
     np_dtype = np.float16 if dtype == "float16" else np.float32
-    index_parts, feat_parts = [], []
-    for indices, images in _progress(loader, len(loader), "extract", env.is_main):
-        if len(indices) == 0:
+    # One array for the whole slice, filled in order (batches come in index order) and cut to the
+    # decoded rows at the end: a view, so the features are never copied a second time.
+    slice_rows = len(rank_range(len(shardset), env.world_size, env.rank))
+    indices = np.empty(slice_rows, np.int64)
+    feats = None  # allocated at the first batch, which tells the feature width
+    filled = 0
+    for batch_indices, images in _progress(loader, len(loader), "extract", env.is_main):
+        if len(batch_indices) == 0:
             continue
-        feats = model_fn(images.to(env.device, non_blocking=True))
-        index_parts.append(indices.numpy().astype(np.int64))
-        feat_parts.append(feats.float().cpu().numpy().astype(np_dtype, copy=False))
+        out = model_fn(images.to(env.device, non_blocking=True))
+        if feats is None:
+            feats = np.empty((slice_rows, out.shape[1]), np_dtype)
+        rows = slice(filled, filled + len(batch_indices))
+        indices[rows] = batch_indices.numpy()
+        torch.from_numpy(feats[rows]).copy_(out)  # to the host and to `dtype` in one copy
+        filled += len(batch_indices)
     skipped = list(getattr(loader, "skipped", []))
-    if not index_parts:
+    if feats is None:
         # A rank with nothing decodable still takes part in the gathers, with rows of the right width.
         return np.zeros(0, np.int64), np.zeros((0, feature_dim or 0), np_dtype), skipped
-    return np.concatenate(index_parts), np.concatenate(feat_parts), skipped
+    return indices[:filled], feats[:filled], skipped
 
 
 def _rows_in(indices: np.ndarray, chosen: np.ndarray) -> np.ndarray:
-    """Positions in this rank's `indices` (sorted) of the globally chosen indices it holds."""
-    return np.nonzero(np.isin(indices, chosen, assume_unique=True))[0]
+    """Positions in this rank's `indices` (sorted) of the globally chosen indices (sorted) it holds;
+    memory in the number chosen, not in the rank's rows."""
+    if len(indices) == 0:
+        return np.zeros(0, np.int64)
+    lo, hi = np.searchsorted(chosen, [indices[0], indices[-1] + 1])
+    candidates = chosen[lo:hi]
+    positions = np.searchsorted(indices, candidates)
+    return positions[indices[positions] == candidates]
 
 
 def reduce_features(indices: np.ndarray, feats: np.ndarray, n_total: int, pca_dim: int | None,
                     pca_sample: int | None, seed: int) -> tuple[np.ndarray, PCA | None]:
-    """PCA (fitted on rank 0 from a global random sample of rows) + whitening + L2, on every rank."""
+    """PCA (fitted on rank 0 from a global random sample of rows) + whitening + L2, on every rank.
+
+    Returns new float32 rows; `feats` is left as it was, for the caller to drop (or reuse).
+    """
     pca = None
     if pca_dim is not None:
         rng = np.random.default_rng(seed)
         n_sample = n_total if pca_sample is None else min(pca_sample, n_total)
         chosen = np.sort(rng.choice(n_total, size=n_sample, replace=False))
-        sample = dist.gather_rows_to_main(feats[_rows_in(indices, chosen)].astype(np.float32))
+        sample = dist.gather_rows_to_main(feats[_rows_in(indices, chosen)].astype(np.float32, copy=False))
         if dist.is_main():
             pca = fit_pca(sample, pca_dim)
             mean, matrix = pca.mean, pca.matrix
         else:
             mean = matrix = None
+        del sample
         mean, matrix = dist.broadcast_array(mean), dist.broadcast_array(matrix)
         pca = PCA(mean=mean, matrix=matrix)
     return apply_pca(feats, pca), pca
 
 
 def cluster_rows(indices: np.ndarray, z: np.ndarray, n_total: int, k: int, niter: int,
-                 max_points_per_centroid: int | None, seed: int) -> tuple[np.ndarray, float]:
+                 max_points_per_centroid: int | None, max_train_rows: int | None,
+                 seed: int) -> tuple[np.ndarray, float]:
     """k-means on rank 0 over the (possibly subsampled) training rows of every rank; centroids to all.
 
-    Returns (centroids [K, d], faiss's training objective). Other ranks wait on a long-timeout
-    barrier meanwhile.
+    Returns (centroids [K, d], faiss's training objective). Rank 0 runs faiss on every core it may
+    use (faiss's thread count is restored after); the other ranks wait on a long-timeout barrier
+    meanwhile.
     """
-    chosen = training_row_indices(n_total, k, max_points_per_centroid, seed)
+    chosen = training_row_indices(n_total, k, max_points_per_centroid, seed, max_train_rows)
     local = z if chosen is None else z[_rows_in(indices, chosen)]
     train_rows = dist.gather_rows_to_main(np.ascontiguousarray(local, dtype=np.float32))
+    del local
     if dist.is_main():
-        result = train_kmeans(train_rows, k, niter, seed)
+        with faiss_threads(usable_cores()):
+            result = train_kmeans(train_rows, k, niter, seed)
         centroids, objective = result.centroids, float(result.objective)
     else:
         centroids, objective = None, None
+    del train_rows
     dist.wait_for_main()
     centroids = dist.broadcast_array(centroids)
     objective = dist.broadcast_object(objective)
     return centroids, objective
+
+
+def assign_threads() -> int:
+    """faiss threads for each rank's assignment: its cores shared by the ranks of its node (all of
+    them assign at once). LOCAL_WORLD_SIZE comes from torchrun or the submitit launcher."""
+    return max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def assign_labels(indices: np.ndarray, z: np.ndarray, centroids: np.ndarray, n_total: int) -> tuple[np.ndarray, float]:
@@ -110,7 +144,8 @@ def assign_labels(indices: np.ndarray, z: np.ndarray, centroids: np.ndarray, n_t
     """
     env = dist.get_env()
     device = env.device.index if env.device.type == "cuda" else None
-    local_labels, sq_dist = assign(np.ascontiguousarray(z, dtype=np.float32), centroids, device=device)
+    with faiss_threads(assign_threads()):
+        local_labels, sq_dist = assign(np.ascontiguousarray(z, dtype=np.float32), centroids, device=device)
     mine = rank_range(n_total, env.world_size, env.rank)
     slice_labels = np.full(len(mine), -1, dtype=np.int32)
     slice_labels[indices - mine.start] = local_labels

@@ -3,33 +3,56 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+import time
 import traceback
 
 from dcscale.config import dump_config, load_config
 from dcscale.errors import DcscaleError
+from dcscale.launch_support import check_run_inputs
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. cluster.k=500")
+    parser.add_argument("--check", action="store_true",
+                        help="check the config and the run's inputs (shard sets, checkpoints, backend), run nothing")
 
 
 def run(args) -> int:
-    cfg = load_config(args.config, args.overrides)  # bad config: exit 2 before any work starts
-    if cfg.data.train is None:
-        raise DcscaleError(f"data.train is not set in {args.config}: give the training shard set, "
-                           "e.g. data.train=data/digits/train")
+    exit_with_launcher()
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:  # bad config or inputs: exit 2 before any work starts
+        cfg = load_config(args.config, args.overrides)
+        train_set = check_run_inputs(cfg, args.config)
+    except DcscaleError:
+        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+            raise SystemExit(2) from None  # every rank found the same: one line per machine is enough
+        raise
+    if args.check:
+        print(f"dcscale train --check: config and inputs ok ({train_set.total} images in data.train, "
+              f"run dir {cfg.output.dir})", flush=True)
+        return 0
     if rank == 0:
         print(dump_config(cfg), end="", flush=True)
+    from dcscale.train.checkpoint import NO_SPACE, newest_checkpoint, write_failure
     from dcscale.train.loop import train  # torch is imported only once the config is valid
 
     try:
         train(cfg)
     except DcscaleError as err:
         print(f"dcscale: error{_on_rank(rank, world_size)}: {err}", file=sys.stderr, flush=True)
+        _exit_now(2, world_size)
+    except OSError as err:
+        if err.errno not in NO_SPACE:
+            raise
+        # a full disk under a write the loop does not route through rank 0's checked writes (e.g.
+        # TensorBoard's): the checkpoints are intact
+        print(f"dcscale: error{_on_rank(rank, world_size)}: "
+              f"{write_failure(err, newest_checkpoint(cfg.output.dir))}", file=sys.stderr, flush=True)
         _exit_now(2, world_size)
     except Exception:
         print(f"dcscale: failed{_on_rank(rank, world_size)}:", file=sys.stderr, flush=True)
@@ -53,3 +76,33 @@ def _exit_now(code: int, world_size: int) -> None:
     if world_size > 1:
         os._exit(code)
     raise SystemExit(code)
+
+
+def exit_with_launcher() -> None:
+    """Under torchrun, end this worker when the launcher dies. torch starts workers in sessions of
+    their own, so a kill of torchrun's process group does not reach them: they would go on training
+    and writing beside a restarted run. Linux: the kernel sends SIGKILL when the parent dies
+    (PR_SET_PDEATHSIG; it fires when the parent *thread* exits, and torchrun's agent starts workers
+    from its main thread). Elsewhere: a thread that watches the parent pid."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return  # run plainly (the shell may go away, e.g. nohup) or by submitit (the scheduler stops tasks)
+    launcher = os.getppid()
+    if launcher == 1:  # torchrun died while this worker started up (its orphans go to init)
+        os._exit(1)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        args = (ctypes.c_ulong(v) for v in (signal.SIGKILL, 0, 0, 0))
+        if ctypes.CDLL(None, use_errno=True).prctl(ctypes.c_int(pr_set_pdeathsig), *args) == 0:
+            if os.getppid() != launcher:  # it died before the call
+                os._exit(1)
+            return
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(1.0)
+        print("dcscale: the launcher (torchrun) ended; stopping this worker", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="dcscale-launcher-watch", daemon=True).start()

@@ -1,0 +1,131 @@
+"""A run directory belongs to one run at a time, and to one config.
+
+Rank 0 holds an exclusive `flock` on `<output.dir>/.lock` for the life of the run, with its host
+and pid written in the file: a second run on the same directory (another process group, a job
+resubmitted while the first still runs) is refused with one line naming the holder. The kernel
+drops the lock when the process ends, however it ends, so a crashed run never leaves it behind.
+
+A resumed run compares its config with the one the checkpoint was written with
+(`dcscale.config.resume_differences`): keys that only extend or watch the run may change and are
+listed at the end of `config.yaml`, as YAML comments, with the cycle they took effect; any other
+difference stops the run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+from pathlib import Path
+
+from dcscale import dist
+from dcscale.config import RESUME_MAY_CHANGE, Config, format_value, resume_differences, save_config
+from dcscale.errors import DcscaleError
+from dcscale.train.checkpoint import checkpoint_dir
+
+LOCK_NAME = ".lock"
+_HISTORY_HEADER = "# Changed when the run was resumed (key: old -> new, from that cycle on):"
+_HELD: dict[Path, object] = {}  # run directory -> its open, locked lock file (this process)
+
+
+def decided_by_main(decide):
+    """Run `decide()` on rank 0 only; it returns (shared, local). Every rank gets `shared` (small
+    and picklable), rank 0 also `local` (None elsewhere). A DcscaleError on rank 0 is raised on every
+    rank, so no rank is left waiting in a collective for one that stopped."""
+    outcome = None
+    local = None
+    if dist.is_main():
+        try:
+            shared, local = decide()
+            outcome = ("ok", shared)
+        except DcscaleError as err:
+            outcome = ("error", str(err))
+    kind, value = dist.broadcast_object(outcome)
+    if kind == "error":
+        raise DcscaleError(value)
+    return value, local
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Create `run_dir` if needed and lock it for this process; fail with one line if another run
+    holds it or if it (or its checkpoints/) cannot be written."""
+    key = run_dir.resolve()
+    if key in _HELD:
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / LOCK_NAME, "a+")
+    except OSError as err:
+        raise DcscaleError(f"output.dir {run_dir} is not writable: {err.strerror}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process that has not written its name yet"
+        handle.close()
+        raise DcscaleError(f"{run_dir} is in use by another run ({holder}); wait for it to end or stop it, "
+                           f"or give another output.dir") from None
+    except OSError as err:  # e.g. ENOLCK: a network filesystem mounted without lock support
+        handle.close()
+        raise DcscaleError(f"cannot lock {run_dir / LOCK_NAME}: {err.strerror} (the filesystem does not support "
+                           f"flock; put output.dir on one that does)") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"host {socket.gethostname()}, pid {os.getpid()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        _check_writable(checkpoint_dir(run_dir))
+    except OSError as err:
+        handle.close()
+        raise DcscaleError(f"output.dir {run_dir} is not writable: {err.strerror}") from None
+    except DcscaleError:
+        handle.close()
+        raise
+    _HELD[key] = handle
+
+
+def _check_writable(folder: Path) -> None:
+    """Fail now, not at the end of the first cycle, if checkpoints cannot be written."""
+    try:
+        folder.mkdir(exist_ok=True)
+        probe = folder / f".write-test.{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise DcscaleError(f"{folder} is not writable: {err.strerror}") from None
+
+
+def release_run_dir(run_dir: Path) -> None:
+    handle = _HELD.pop(run_dir.resolve(), None)
+    if handle is not None:
+        handle.close()  # (the file stays: removing it would race with a run taking the lock)
+
+
+def check_same_run(saved: dict, cfg: Config, run_dir: Path) -> list[tuple[str, object, object]]:
+    """The allowed changes between the run's config (`saved`, as written with its checkpoint) and
+    `cfg`; any other difference is a one-line error."""
+    changes, refused = resume_differences(saved, cfg)
+    if refused:
+        shown = ", ".join(f"{key} ({format_value(old)} -> {format_value(new)})" for key, old, new in refused[:4])
+        more = f" and {len(refused) - 4} more" if len(refused) > 4 else ""
+        may = ", ".join(k + "*" if k.endswith(".") else k
+                        for k in RESUME_MAY_CHANGE if k not in ("resume", "output.dir"))
+        raise DcscaleError(f"{run_dir} holds a run with another config: {shown}{more} differ; a run directory "
+                           f"belongs to one config: give a new output.dir to start a new run (only {may} may "
+                           f"change when resuming)")
+    return [c for c in changes if c[0] != "resume"]
+
+
+def write_run_config(cfg: Config, run_dir: Path, changes: list, cycle: int, resumed: bool) -> None:
+    """config.yaml: the resolved config, then (as comments, so `load_config` reads it unchanged) the
+    history of changes made on resume, kept from the previous config.yaml when resuming."""
+    path = run_dir / "config.yaml"
+    history = []
+    if resumed and path.is_file():
+        lines = path.read_text(errors="replace").splitlines()
+        if _HISTORY_HEADER in lines:
+            history = [ln for ln in lines[lines.index(_HISTORY_HEADER) + 1:] if ln.startswith("# cycle ")]
+    history += [f"# cycle {cycle}: {key}: {format_value(old)} -> {format_value(new)}" for key, old, new in changes]
+    save_config(cfg, path, "\n" + "\n".join([_HISTORY_HEADER, *history]) + "\n" if history else "")
