@@ -220,6 +220,14 @@ def test_a_resume_keeps_the_runs_config(finished_run, digits_train_shards, digit
         code, err = train_in_process(capsys, overrides + [f"resume={last}"])
         assert code == 2 and expected in one_line(err)
 
+    # A new run (fresh, or from another run's checkpoint) never takes over a directory holding a run.
+    checkpoints = {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
+    for resume in ("null", str(last)):
+        code, err = train_in_process(capsys, tiny_run_overrides(digits_train_shards, run_dir, resume=resume))
+        assert code == 2 and f"output.dir {run_dir} already holds a run (checkpoint last.pt)" in one_line(err)
+    assert {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()} == checkpoints
+    assert {name: (run_dir / name).read_bytes() for name in kept} == kept
+
     # Keys that only extend or watch the run may change; config.yaml records them and still loads.
     extended = tiny_run_overrides(digits_train_shards, run_dir, **{
         "resume": "auto", "train.cycles": 3, "checkpoint.keep_last": 1, "data.extract_batch_size": 100})

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -301,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         todo = [] if args.collect_only else [p for p in points if args.rerun or not is_done(p)]
         user_resume = any(s.split("=", 1)[0].strip() == "resume" for s in args.set)
         for p in todo:
-            if args.rerun:  # start over in the same directory
-                (p.run_dir / "sweep_done").unlink(missing_ok=True)
+            if args.rerun:  # start over: the point's run directory is the sweep's own
+                shutil.rmtree(p.run_dir, ignore_errors=True)
                 p.commands[0].append("resume=null")
             elif not user_resume:  # an interrupted point continues where it stopped
                 p.commands[0].append("resume=auto")

@@ -175,8 +175,8 @@ def reset_timeline(run_dir: str | Path, resumed_from: Path | None, position: tup
     """Make the run directory's checkpoints one history that ends where this run starts.
 
     Called by the run directory's lock holder before its first checkpoint. Temporary files left by
-    a killed writer go. A fresh run (or one started from another run's checkpoint) removes the
-    checkpoints an earlier run left here; a resumed run removes periodic files beyond its starting
+    a killed writer go. (A new run never gets here into a directory holding another run's
+    checkpoints: the loop refuses it first.) A resumed run removes periodic files beyond its starting
     point (damaged ones it fell back from, or a history it was told to leave by `resume: PATH`) and
     makes last.pt a copy of the checkpoint it started from. Returns notes for the user.
     """
@@ -186,12 +186,6 @@ def reset_timeline(run_dir: str | Path, resumed_from: Path | None, position: tup
     last = folder / "last.pt"
     periodic = periodic_checkpoints(folder)
     if resumed_from is None or not in_run_dir(resumed_from, run_dir):
-        old = [path for _, path in periodic] + ([last] if last.is_file() else [])
-        for path in old:
-            path.unlink()
-        if old:
-            return [f"removed {len(old)} checkpoint(s) of an earlier run in {folder} (this run starts "
-                    f"{'from ' + str(resumed_from) if resumed_from else 'over'})"]
         return []
     beyond = [path for pos, path in periodic if pos > position]
     for path in beyond:

@@ -164,6 +164,11 @@ def claim_and_find(resume: str | None, run_dir: Path) -> tuple[str | None, dict 
     path, ckpt, note = find_resume_checkpoint(resume, run_dir)
     if note:
         log.warning(note)
+    earlier = newest_checkpoint(run_dir)
+    if earlier is not None and (path is None or not in_run_dir(path, run_dir)):
+        # A new run never overwrites another's work: continuing it, or a new directory, is the user's call.
+        raise DcscaleError(f"output.dir {run_dir} already holds a run (checkpoint {earlier.name}); continue it "
+                           f"with resume=auto, or give this run a new output.dir")
     return (str(path) if path else None), ckpt
 
 
