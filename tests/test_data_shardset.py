@@ -249,6 +249,7 @@ def test_undecodable_image_is_skipped_and_counted(tmp_path, caplog):
 
 def test_labels_are_cached_and_cheap(digits_train_shards):
     ss = ShardSet(digits_train_shards)
+    assert ss._labels is None, "opening (and checking) a shard set must not keep its N labels on every rank"
     first = ss.labels()
     assert first.dtype == np.int32 and len(first) == len(ss) and ss.labels() is first
     assert [ss.read(i).label for i in (0, 700, 1436)] == first[[0, 700, 1436]].tolist()

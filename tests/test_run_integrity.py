@@ -138,8 +138,12 @@ def test_one_run_per_directory_and_workers_die_with_torchrun(digits_train_shards
         for nproc in (1, 2):
             second = run_train(nproc, overrides + ["resume=auto"], timeout=120)
             assert second.returncode != 0
-            refusals = [ln for ln in second.stderr.splitlines() if "is in use by another run" in ln]
-            assert len(refusals) == nproc and all(holder.strip() in ln for ln in refusals), second.stderr[-2000:]
+            errors = [ln for ln in second.stderr.splitlines() if ln.startswith("dcscale: error")]
+            # rank 0 names the holder; another rank says the same or leaves silently (exit 2), never
+            # something else (seen once in about ten runs: rank 1 silent)
+            assert errors and all("is in use by another run" in ln and holder.strip() in ln for ln in errors), \
+                "\n".join(ln for ln in second.stderr.splitlines() if ln.startswith("dcscale"))
+            assert any(ln.startswith("dcscale: error" + ("" if nproc == 1 else " on rank 0")) for ln in errors)
             assert "dcscale: failed" not in second.stderr  # (no rank's traceback; torchrun adds its own report)
         assert first.poll() is None, "the first run goes on"
         assert (run_dir / "metrics.jsonl").read_text().count("\n") >= lines_before

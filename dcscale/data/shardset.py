@@ -162,7 +162,8 @@ class ShardSet:
                 # with the sidecar index, present-with-the-recorded-size is the check (the build
                 # scanned these very bytes); without it, a header scan of every tar
                 self._check_file(shard_id) if self.used_index_file else self._shard_index(shard_id)
-            self.labels()  # checks them against the manifest's class count
+            if self.manifest.has_labels:  # checked against the manifest's class count, not kept:
+                self._check_labels(self._read_labels())  # a rank that never asks holds no N-long array
 
     # ---- properties ----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -320,14 +321,16 @@ class ShardSet:
         if not self.manifest.has_labels:
             return None
         if self._labels is None:
-            if self._index_file is not None:
-                labels = self._index_file.labels()
-            else:
-                labels = np.concatenate([read_labels(self._paths[s], self._shard_index(s))
-                                         for s in range(self.num_shards)] or [np.zeros(0, dtype=np.int64)])
+            labels = self._read_labels()
             self._check_labels(labels)
             self._labels = labels.astype(np.int32, copy=False)
         return self._labels
+
+    def _read_labels(self) -> np.ndarray:
+        if self._index_file is not None:
+            return self._index_file.labels()
+        return np.concatenate([read_labels(self._paths[s], self._shard_index(s))
+                               for s in range(self.num_shards)] or [np.zeros(0, dtype=np.int64)])
 
     def _check_labels(self, labels: np.ndarray) -> None:
         """Every label must be -1 (none) or one of the manifest's classes (without a class count: int32)."""

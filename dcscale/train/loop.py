@@ -73,7 +73,8 @@ def train(cfg: Config) -> dict:
     run_dir = Path(cfg.output.dir)
     shards = ShardSet(cfg.data.train)
     channels, image_size = input_shape(shards, cfg)
-    gt_labels = shards.labels() if shards.manifest.has_labels else None
+    # Only rank 0 logs the NMIs, so only it holds the ground truth and the previous labels (4 N bytes each).
+    gt_labels = shards.labels() if shards.manifest.has_labels and env.is_main else None
     knn_queries = monitor_shards(cfg)  # opened (and checked) now, not at the first k-NN cycle
     eval_tf = eval_transform(image_size, channels, resize=cfg.data.resize, mean=cfg.data.mean, std=cfg.data.std)
     train_tf = train_transform(image_size, channels, cfg.train.augment, cfg.train.crop_scale_min,
@@ -115,7 +116,7 @@ def train(cfg: Config) -> dict:
             state.cycle_metrics = {"cycle": cycle, "clustered": clustering}
             if clustering:
                 new_labels, skipped, cluster_metrics = cluster_cycle(model, shards, eval_tf, env, cfg, cycle)
-                state.prev_labels, state.labels = state.labels, new_labels
+                state.prev_labels, state.labels = (state.labels if env.is_main else None), new_labels
                 state.skipped_images = skipped
                 state.cycle_metrics.update(cluster_metrics)
                 written_by_main(run_dir, lambda: atomic_write(run_dir / "labels.npy",
@@ -467,7 +468,8 @@ def restore(ckpt: dict, path: Path, model, body_opt, cfg: Config, n_images: int,
     totals = ckpt["totals"] if dist_env.is_main else zero_totals()
     state = RunState(cycle=ckpt["cycle"], epoch=ckpt["epoch"], step=ckpt["step"],
                      clustered_this_cycle=ckpt["clustered_this_cycle"], labels=_array_or_none(ckpt["labels"]),
-                     prev_labels=_array_or_none(ckpt["prev_labels"]), cycle_metrics=dict(ckpt["cycle_metrics"]),
+                     prev_labels=_array_or_none(ckpt["prev_labels"]) if dist_env.is_main else None,
+                     cycle_metrics=dict(ckpt["cycle_metrics"]),
                      totals=dict(totals), skipped_images=ckpt.get("skipped_images", 0))
     return state, head_opt
 
