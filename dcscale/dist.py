@@ -61,17 +61,28 @@ def choose_threads(local_processes: int) -> tuple[int, str]:
     """
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads(), "OMP_NUM_THREADS"
+    threads, why = core_share(local_processes)
+    torch.set_num_threads(threads)
+    return threads, why
+
+
+def local_processes() -> int:
+    """How many processes of this run share this machine (torchrun and the submitit launcher set
+    LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def core_share(local_processes: int) -> tuple[int, str]:
+    """(cores, why): the cores one of `local_processes` processes on this machine may keep busy at
+    once. Under SLURM the node is already split between tasks (SLURM_CPUS_PER_TASK); otherwise the
+    cores this process may run on are divided among the machine's processes."""
     from dcscale.cluster.kmeans import usable_cores
 
     cores = usable_cores()
     task_cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    if task_cpus.isdigit() and int(task_cpus) > 0:  # SLURM already split the node between tasks
-        threads, why = min(cores, int(task_cpus)), f"SLURM_CPUS_PER_TASK={task_cpus}"
-    else:
-        threads, why = cores // max(local_processes, 1), f"{cores} core(s) / {local_processes} process(es)"
-    threads = max(threads, 1)
-    torch.set_num_threads(threads)
-    return threads, why
+    if task_cpus.isdigit() and int(task_cpus) > 0:
+        return max(min(cores, int(task_cpus)), 1), f"SLURM_CPUS_PER_TASK={task_cpus}"
+    return max(cores // max(local_processes, 1), 1), f"{cores} core(s) / {local_processes} process(es)"
 
 
 def init_distributed(backend: str = "auto", timeout_min: float = 30.0,
@@ -82,7 +93,7 @@ def init_distributed(backend: str = "auto", timeout_min: float = 30.0,
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
-    threads, threads_from = choose_threads(int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))))
+    threads, threads_from = choose_threads(local_processes())
     check_backend(backend)
     use_cuda = torch.cuda.is_available()
     if backend == "auto":

@@ -10,7 +10,6 @@ chunk by chunk into the (smaller) reduced rows.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import numpy as np
@@ -129,9 +128,9 @@ def cluster_rows(indices: np.ndarray, z: np.ndarray, n_total: int, k: int, niter
 
 
 def assign_threads() -> int:
-    """faiss threads for each rank's assignment: its cores shared by the ranks of its node (all of
-    them assign at once). LOCAL_WORLD_SIZE comes from torchrun or the submitit launcher."""
-    return max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    """faiss threads for each rank's assignment: its share of its node's cores (all ranks assign at
+    once), the same share a rank's torch threads get when OMP_NUM_THREADS is unset."""
+    return dist.core_share(dist.local_processes())[0]
 
 
 def assign_labels(indices: np.ndarray, z: np.ndarray, centroids: np.ndarray, n_total: int) -> tuple[np.ndarray, float]:
