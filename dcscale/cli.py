@@ -20,6 +20,8 @@ SUBCOMMANDS = {
     "probe": ("dcscale.eval.probe", "linear-probe evaluation of a network's layers"),
     "ia": ("dcscale.eval.ia", "sample Initial Alignment distributions over a hyperparameter"),
     "report": ("dcscale.eval.report", "plot a run's curves from metrics.jsonl"),
+    "export": ("dcscale.export", "write a trained network for torchvision or as a dcscale backbone"),
+    "embed": ("dcscale.eval.embed", "write a layer's features of every image of a shard set"),
 }
 
 

@@ -20,7 +20,7 @@ import yaml
 
 from dcscale.errors import ConfigError
 
-ARCHS = ("lenet5", "alexnet", "alexnet_small", "vgg16_bn", "resnet50")
+ARCHS = ("lenet5", "alexnet", "alexnet_micro", "alexnet_small", "vgg16_bn", "resnet50")
 
 
 @dataclass
@@ -41,6 +41,7 @@ class ModelConfig:
     sobel: bool = False  # fixed grayscale + Sobel front (2 channels, not trained)
     batch_norm: bool = True
     init: str | None = None  # a .pt whose "model" weights start the body (e.g. `dcscale ia --select-seed`)
+    sync_bn: bool = False  # batch-norm statistics over all ranks' batches under DDP (SyncBatchNorm; GPUs only)
 
 
 @dataclass
@@ -67,9 +68,21 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-5
     batch_size: int = 64  # per rank
-    augment: Literal["imagenet", "small", "none"] = "imagenet"  # small: the paper's 32x32 setting
+    # imagenet: RandomResizedCrop(image_size) (+ flip), as both papers; small: padded random crop (ours)
+    augment: Literal["imagenet", "small", "none"] = "imagenet"
     crop_scale_min: float = 0.08  # lower bound of RandomResizedCrop's area ("imagenet")
     hflip: bool = True
+    # One random crop/flip for a whole (per-rank) batch, as the Deep Dive's SVHN/CIFAR10 jobs (torchvision
+    # transforms applied to a batch tensor); false: one per image
+    augment_per_batch: bool = False
+    # Momentum of the K-way head's SGD (a fresh optimizer every cycle). 0: the original DeepCluster's;
+    # the Deep Dive's code puts the head in the body's optimizer, so it gets the body's momentum.
+    head_momentum: float = 0.0
+    # Forward passes (extraction and training) under autocast: bf16 (CPU or GPU), fp16 (GPU, with a
+    # loss scaler); fp32 switches it off. Features reach the PCA as cluster.feature_dtype either way.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False  # NHWC memory format for the model and its input batches
+    compile: bool = False  # torch.compile the body (the first batches wait for the compiler)
 
 
 @dataclass
@@ -93,6 +106,9 @@ class DistConfig:
 @dataclass
 class OutputConfig:
     dir: str = "runs/default"
+    # TensorBoard images (cluster montages, filters, heatmaps) at cycle 0, every this many cycles and
+    # at the last; null: none
+    images_every: int | None = 10
 
 
 @dataclass
@@ -140,6 +156,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "train.epochs_per_cycle": _POSITIVE,
     "train.lr": _POSITIVE,
     "train.momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "train.head_momentum": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "train.weight_decay": _NON_NEGATIVE,
     "train.batch_size": _POSITIVE,
     "train.crop_scale_min": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
@@ -152,6 +169,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "eval.probe_batch_size": _POSITIVE,
     "eval.probe_pool_dim": _POSITIVE,
     "dist.timeout_min": _MINUTES,
+    "output.images_every": (lambda v: v >= 1, "an integer >= 1 (cycles between TensorBoard images), or null for none"),
     "checkpoint.every_steps": _POSITIVE,
     "checkpoint.keep_last": _NON_NEGATIVE,
     "resume": (lambda v: v == "auto" or Path(v).suffix == ".pt", "'auto' or a path to a .pt checkpoint"),
@@ -452,7 +470,7 @@ def save_config(cfg: Config, path: str | Path, footer: str = "") -> None:
 
 # Keys a resumed run may change: they extend the run or only watch it, never what it computes.
 RESUME_MAY_CHANGE = ("train.cycles", "checkpoint.", "eval.", "data.test", "data.workers", "data.extract_batch_size",
-                     "dist.", "cluster.wait_timeout_min", "resume", "output.dir")
+                     "dist.", "cluster.wait_timeout_min", "resume", "output.dir", "output.images_every")
 _PATH_KEYS = ("data.train", "data.test", "model.init", "output.dir")
 _MISSING = object()
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +42,22 @@ def tiny_run_overrides(shards: Path, run_dir: Path, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def halted_image_run(digits_train_shards, digits_test_shards, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A tiny 2-cycle `dcscale train` that clusters at cycle 0 only (cluster.halt_after=1), with TensorBoard
+    images and the k-NN monitor every cycle, and a progress line at every tenth of a phase (its stderr is
+    a pipe, not a terminal): (run dir, the finished process)."""
+    run_dir = tmp_path_factory.mktemp("images") / "run"
+    overrides = tiny_run_overrides(digits_train_shards, run_dir, **{
+        "cluster.halt_after": 1, "output.images_every": 1, "data.test": digits_test_shards, "eval.knn_every": 1})
+    proc = subprocess.run([sys.executable, "-m", "dcscale", "train", "--config",
+                           str(Path(__file__).parent / "train_test.yaml"), *overrides],
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "DCSCALE_PROGRESS_S": "0"},
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc
 
 
 def metrics(run_dir: Path) -> list[dict]:

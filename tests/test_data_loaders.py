@@ -256,6 +256,22 @@ def test_imagenet_augment_crops_inside_and_resizes():
     torch.testing.assert_close(out[1], torch.full((3, 8, 8), 200.0))
 
 
+@pytest.mark.parametrize("augment", ["imagenet", "small"])
+def test_per_batch_augment_gives_the_whole_batch_the_first_images_crop_and_flip(augment):
+    from dcscale.data.transforms import TrainTransform
+
+    identity = dict(mean=[0.0], std=[1 / 255])
+    per_image = TrainTransform(8, 1, augment, crop_scale_min=0.1, hflip=True, **identity)
+    per_batch = TrainTransform(8, 1, augment, crop_scale_min=0.1, hflip=True, per_batch=True, **identity)
+    images = [torch.randint(0, 256, (1, 12, 12), dtype=torch.uint8) for _ in range(5)]
+    uniforms = torch.rand(5, per_batch.n_uniforms, dtype=torch.float64)
+    out = per_batch.augment(per_batch.collate(images), uniforms)
+    # torchvision transforms on a batch tensor (the Deep Dive's in-loop GPU transform): one draw for all
+    first = uniforms[:1].expand(5, -1)
+    torch.testing.assert_close(out, per_image.augment(per_image.collate(images), first))
+    assert not torch.equal(out, per_image.augment(per_image.collate(images), uniforms))
+
+
 def test_draw_uniforms_depend_only_on_key_and_position():
     from dcscale.data.transforms import draw_uniforms
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.metrics import normalized_mutual_info_score
 
 from dcscale.cli import main
 from dcscale.data.shardset import ShardSet
@@ -76,10 +77,15 @@ def test_ia_cli_end_to_end(ia_config, digits_train_shards, tmp_path, capsys):
         assert len(labels) == len(gt) and labels.max() < s["value"]
         assert s["ia"] == pytest.approx(nmi_by_hand(list(gt), list(labels)), abs=1e-9)
         assert 0.3 < s["ia"] < 1.0  # random LeNet features on digits are far from chance (0)
+        # the original DeepCluster's NMI (scikit-learn <= 0.20 normalised by the geometric mean)
+        assert s["ia_geometric"] == pytest.approx(
+            normalized_mutual_info_score(gt, labels, average_method="geometric"), abs=1e-9)
 
     for v in ("5", "10"):
         ias = [s["ia"] for s in result["samples"] if str(s["value"]) == v]
         assert result["summary"][v]["median"] == pytest.approx(float(np.median(ias)))
+        geometric = [s["ia_geometric"] for s in result["samples"] if str(s["value"]) == v]
+        assert result["summary_geometric"][v]["median"] == pytest.approx(float(np.median(geometric)))
     best_value = max(("5", "10"), key=lambda v: result["summary"][v]["median"])
     assert str(result["recommendation"]["value"]) == best_value
     assert f"recommended cluster.k={best_value}" in printed.strip().splitlines()[-1]

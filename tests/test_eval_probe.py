@@ -1,19 +1,25 @@
 """`dcscale probe`: the linear probe learns separable data, stays at chance on shuffled labels,
-caches features, and works from a checkpoint, a random init or raw pixels."""
+caches features, and works from a checkpoint, a random init or raw pixels; the deepdive and
+deepcluster protocols run the references' settings, layers, pooling and augmentation on digits."""
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dcscale.cli import main
 from dcscale.config import config_to_dict, load_config
 from dcscale.data.build import write_shard_set
 from dcscale.data.converters import SourceData
+from dcscale.errors import DcscaleError
 from dcscale.eval.features import pool_flatten, pool_size
-from dcscale.eval.probe import ProbeSettings, train_linear_probe
-from dcscale.models import build_model_from_config
+from dcscale.eval.probe import (ProbeSettings, ProbeTrainTransform, TenCropTransform, _lr_at, deepcluster_layers,
+                                deepcluster_pool, deepdive_features, deepdive_layers, protocol_settings,
+                                train_linear_probe)
+from dcscale.models import build_model, build_model_from_config
 
 CLASSES = 3
 
@@ -118,7 +124,7 @@ def test_probe_checkpoint_random_init_and_cache(blobs, tmp_path, capsys):
     assert list(layers) == model.probe_layers()  # one line and one entry per layer
     lines = out.strip().splitlines()
     assert [ln.split(":")[0] for ln in lines[:-1]] == [f"probe {n}" for n in layers]
-    assert lines[-1].startswith("probe: 4 layer(s) of checkpoint")
+    assert lines[-1].startswith("probe: 4 layer(s) of checkpoint, protocol fast")
     assert all(r["top1"] > 0.6 for r in layers.values())  # chance is 1/3
     cached = sorted(p.name for p in (tmp_path / "c_cache").iterdir())
     assert len(cached) == 2 * 2 * len(layers)  # feats + labels, train + test, per layer
@@ -149,3 +155,133 @@ def test_probe_errors_are_one_line(blobs, tmp_path, capsys):
     assert main(["probe", "--random-init", "--train", str(blobs["train"]), "--test", str(blobs["test"]),
                  "--layer", "relu1"]) == 2
     assert "--random-init needs --config" in capsys.readouterr().err
+
+
+# ---- protocols: fast (ours), deepdive (the Deep Dive authors'), deepcluster (eval_linear.py) --------
+
+DEEPDIVE = {"epochs": 20, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 256,
+            "schedule": "inv_sqrt", "standardise": False, "init": "torch"}
+DEEPCLUSTER = {**DEEPDIVE, "epochs": 90}
+
+
+def _settings_without_seed(report):
+    return {k: v for k, v in report["settings"].items() if k != "seed"}
+
+
+def test_protocol_settings_are_the_references():
+    assert {k: v for k, v in asdict(protocol_settings("deepdive", None)).items() if k != "seed"} == DEEPDIVE
+    assert {k: v for k, v in asdict(protocol_settings("deepcluster", None)).items() if k != "seed"} == DEEPCLUSTER
+    cfg = load_config(None, ["eval.probe_epochs=7", "eval.probe_lr=0.2"])
+    fast = protocol_settings("fast", cfg)
+    assert (fast.epochs, fast.lr, fast.schedule, fast.standardise, fast.init) == (7, 0.2, "cosine", True, "normal")
+    # lr_0 / sqrt(1 + lr_0 * wd * t) at iteration t, as both references' learning_rate_decay
+    s = protocol_settings("deepcluster", None)
+    assert _lr_at(s, 0, 0) == 0.01
+    assert _lr_at(s, 5, 10 ** 6) == pytest.approx(0.01 / np.sqrt(2))
+
+
+def test_deepdive_layers_are_the_authors_modules():
+    lenet = build_model("lenet5", in_channels=1, image_size=32)
+    micro = build_model("alexnet_micro", in_channels=3, image_size=32, sobel=True)
+    assert deepdive_layers(None, lenet) == ["conv2"]  # their LeNet: target_layer="conv_2"
+    assert deepdive_layers(None, micro) == ["relu5"]  # their AlexNets: target_layer="relu_5"
+    with torch.no_grad():
+        lenet.body.features.bn2.running_var.fill_(4.0)  # a trained batch norm: not the identity
+        x = torch.randn(3, 1, 32, 32)
+        conv2 = deepdive_features(lenet, ["conv2"])(x)["conv2"]
+        trunk = lenet.body.features
+        expected = trunk.conv2(trunk.pool1(trunk.relu1(trunk.bn1(trunk.conv1(x)))))
+        assert conv2.shape == (3, 1600)  # their features_size=1600: 16x10x10, unpooled
+        assert torch.allclose(conv2, expected.flatten(1))  # the convolution's own output, before batch norm
+        relu5 = deepdive_features(micro, ["relu5"])(torch.randn(2, 3, 32, 32))["relu5"]
+        assert relu5.shape == (2, 512) and relu5.min() >= 0  # their features_size=512: 128x2x2 after ReLU
+    with pytest.raises(DcscaleError, match="unknown layer 'fc1'"):
+        deepdive_layers("fc1", lenet)
+
+
+def test_deepcluster_pooling_is_eval_linears_table():
+    alexnet = build_model("alexnet", in_channels=3, image_size=224)
+    layers = [f"relu{i}" for i in range(1, 6)]
+    assert deepcluster_layers(None, alexnet) == layers
+    with torch.no_grad():
+        acts = alexnet.eval().layer_activations(torch.randn(1, 3, 224, 224), layers)
+        pooled = {name: deepcluster_pool(act) for name, act in acts.items()}
+    # eval_linear.py RegLog: 9600, 9216, 9600, 9600, 9216 values
+    assert [pooled[n].shape[1] for n in layers] == [9600, 9216, 9600, 9600, 9216]
+    assert torch.allclose(pooled["relu1"], F.avg_pool2d(acts["relu1"], 6, 6, 3).flatten(1))
+    assert torch.allclose(pooled["relu5"], F.avg_pool2d(acts["relu5"], 2, 2, 0).flatten(1))
+    # Maps the table was not written for: the same ~9,600 target, small maps kept whole.
+    assert deepcluster_pool(torch.ones(2, 6, 28, 28)).shape == (2, 6 * 28 * 28)
+    assert deepcluster_pool(torch.ones(2, 48, 32, 32)).shape == (2, 48 * 14 * 14)
+
+
+def test_deepcluster_training_crops_and_ten_crops():
+    tf = ProbeTrainTransform(image_size=4, channels=1, resize=6, crop_from=6, mean=(0.0,), std=(1 / 255,))
+    image = torch.arange(36, dtype=torch.uint8).view(1, 1, 6, 6)
+    uniforms = torch.tensor([[0.99, 0.0, 0.9], [0.0, 0.6, 0.1]], dtype=torch.float64)
+    out = tf.augment(torch.cat([image, image]), uniforms)
+    assert torch.allclose(out[0, 0], image[0, 0, 2:6, 0:4].float())  # crop at (2, 0), not flipped
+    assert torch.allclose(out[1, 0], image[0, 0, 0:4, 1:5].float().flip(-1))  # crop at (0, 1), flipped
+    ten = TenCropTransform(image_size=4, channels=1, resize=6, mean=(0.0,), std=(1 / 255,))
+    crops = ten.finish(ten.collate([image[0]]))
+    assert crops.shape == (10, 1, 4, 4)
+    assert torch.allclose(crops[4, 0], image[0, 0, 1:5, 1:5].float())  # the centre
+    assert torch.equal(crops[5:], crops[:5].flip(-1))  # and the mirror images
+
+
+def _digits_probe(capsys, train, test, tmp_path, name, *argv):
+    cfg_file = tmp_path / "lenet.yaml"
+    cfg_file.write_text("seed: 3\nmodel: {arch: lenet5}\ncluster: {k: 10}\ndata: {image_size: 32}\n")
+    out = _probe(capsys, "--random-init", "--config", cfg_file, "--train", train, "--test", test,
+                 "--workers", 0, "--json", tmp_path / f"{name}.json", *argv)
+    return out, json.loads((tmp_path / f"{name}.json").read_text())
+
+
+def test_deepdive_protocol_on_digits(digits_train_shards, digits_test_shards, tmp_path, capsys):
+    out, report = _digits_probe(capsys, digits_train_shards, digits_test_shards, tmp_path, "dd",
+                                "--protocol", "deepdive")
+    assert report["protocol"] == "deepdive" and report["overridden"] == []
+    assert _settings_without_seed(report) == DEEPDIVE  # the default run: exactly the authors' settings
+    assert report["pool_dim"] is None and report["augmentation"].startswith("none")
+    assert list(report["layers"]) == ["conv2"] and report["layers"]["conv2"]["dim"] == 1600
+    assert report["layers"]["conv2"]["top1"] > 0.8  # chance is 0.1
+    assert "protocol deepdive" in out.strip().splitlines()[-1]
+
+    # --hflip (their FMNIST jobs): the network runs on every flipped batch; --epochs overrides 20.
+    _, flipped = _digits_probe(capsys, digits_train_shards, digits_test_shards, tmp_path, "ddf",
+                               "--protocol", "deepdive", "--hflip", "--epochs", 2)
+    assert flipped["overridden"] == ["epochs"]
+    assert _settings_without_seed(flipped) == {**DEEPDIVE, "epochs": 2}
+    assert "RandomHorizontalFlip" in flipped["augmentation"]
+    assert flipped["layers"]["conv2"]["top1"] > 0.3
+
+
+def test_deepcluster_protocol_on_digits(digits_train_shards, digits_test_shards, tmp_path, capsys):
+    _, report = _digits_probe(capsys, digits_train_shards, digits_test_shards, tmp_path, "dc",
+                              "--protocol", "deepcluster", "--epochs", 2)
+    assert report["protocol"] == "deepcluster" and report["overridden"] == ["epochs"]
+    assert _settings_without_seed(report) == {**DEEPCLUSTER, "epochs": 2}
+    assert list(report["layers"]) == ["relu1", "relu2"]  # every conv layer's ReLU output
+    assert [r["dim"] for r in report["layers"].values()] == [4704, 1600]  # below 9,600: kept whole
+    # digits shard sets are 8x8, input 32, no data.resize: eval_linear.py's 256/224 ratio gives 37
+    assert report["augmentation"] == "Resize(37), CenterCrop(37), RandomCrop(32), RandomHorizontalFlip()"
+    assert "resize=37" in report["test_transform"]
+    assert report["layers"]["relu1"]["top1"] > 0.3  # chance is 0.1; two epochs at lr 0.01
+    assert not (tmp_path / "dc_cache").exists()  # augmented afresh every batch: nothing to cache
+
+    _, ten = _digits_probe(capsys, digits_train_shards, digits_test_shards, tmp_path, "dc10",
+                           "--protocol", "deepcluster", "--epochs", 1, "--layer", "relu1", "--ten-crop")
+    assert ten["test_transform"] == "Resize(37), TenCrop(32)" and ten["layers"]["relu1"]["test_n"] == 360
+
+
+def test_protocol_errors_are_one_line(blobs, capsys):
+    common = ["probe", "--train", str(blobs["train"]), "--test", str(blobs["test"])]
+    for argv, message in ((["--protocol", "deep", "--layer", "pixels"],
+                           "--protocol deep: expected one of fast, deepdive, deepcluster"),
+                          (["--layer", "pixels", "--ten-crop"], "--ten-crop applies to --protocol deepcluster only"),
+                          (["--protocol", "deepdive"], "--protocol deepdive needs a network"),
+                          ([], "--layer is required with --protocol fast")):
+        assert main([*common, *argv]) == 2
+        err = capsys.readouterr().err
+        assert err == f"dcscale: error: {err.split('error: ', 1)[1]}" and err.count("\n") == 1
+        assert message in err

@@ -13,6 +13,7 @@ from dcscale.models import ARCHS, SobelFilter, build_model, build_model_from_con
 CASES = [
     ("lenet5", 1, 32, False, 84, ["conv1", "relu1", "conv2", "relu2"], 4),
     ("lenet5", 1, 28, False, 84, ["conv1", "relu1", "conv2", "relu2"], 4),
+    ("alexnet_micro", 3, 32, True, 1024, [f"{p}{i}" for i in range(1, 6) for p in ("conv", "relu")], 2),
     ("alexnet_small", 3, 32, True, 2048, [f"{p}{i}" for i in range(1, 6) for p in ("conv", "relu")], 2),
     ("alexnet", 3, 224, True, 4096, [f"{p}{i}" for i in range(1, 6) for p in ("conv", "relu")], 1),
     ("vgg16_bn", 3, 32, False, 4096, [f"conv{i}" for i in range(1, 6)], 2),
@@ -120,4 +121,48 @@ def test_build_from_config():
                             "cluster": {"k": 30}}, [])
     model = build_model_from_config(cfg, in_channels=1, image_size=28)
     assert model.head.out_features == 30 and model.arch == "lenet5"
-    assert set(ARCHS) == {"lenet5", "alexnet", "alexnet_small", "vgg16_bn", "resnet50"}
+    assert set(ARCHS) == {"lenet5", "alexnet", "alexnet_micro", "alexnet_small", "vgg16_bn", "resnet50"}
+
+
+def test_alexnet_micro_is_the_deep_dive_authors_network():
+    """AlexNet_Micro of the authors' deep_clustering_models.py (AhmadM-DL/DeepClusterImplementation, branch
+    `new`): every conv unpadded and followed by batch norm, 2x2/stride-1 pools, dropout-fc1024-ReLU-dropout-fc1024."""
+    model = build_model("alexnet_micro", in_channels=3, image_size=32, sobel=True, num_classes=10).eval()
+    f = model.body.features
+    convs = [(c.in_channels, c.out_channels, c.kernel_size[0], c.stride[0], c.padding[0])
+             for c in (f.conv1, f.conv2, f.conv3, f.conv4, f.conv5)]
+    assert convs == [(2, 48, 8, 3, 0), (48, 126, 2, 1, 0), (126, 192, 3, 1, 0), (192, 192, 2, 1, 0),
+                     (192, 128, 2, 1, 0)]
+    assert [(p.kernel_size, p.stride) for p in (f.pool1, f.pool2, f.pool5)] == [(2, 1)] * 3
+    assert [f.get_submodule(f"bn{i}").num_features for i in range(1, 6)] == [48, 126, 192, 192, 128]
+    assert [type(m).__name__ for m in model.body.classifier] == ["Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    # 32 -conv1-> 9 -pool-> 8 -conv2-> 7 -pool-> 6 -conv3-> 4 -conv4-> 3 -conv5-> 2 -pool-> 1: 128 MLP inputs
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        acts = model.layer_activations(x, [f"relu{i}" for i in range(1, 6)])
+    assert {k: tuple(v.shape[1:]) for k, v in acts.items()} == {
+        "relu1": (48, 9, 9), "relu2": (126, 7, 7), "relu3": (192, 4, 4), "relu4": (192, 3, 3), "relu5": (128, 2, 2)}
+    assert (model.body.classifier.fc1.in_features, model.body.classifier.fc2.out_features) == (128, 1024)
+    assert model.feature_dim == 1024 and (model.features(x) < 0).any()  # the last fc without its ReLU
+    # The authors' counts: 1,677,578 with Sobel (2 input channels), 1,680,650 on RGB.
+    assert sum(p.numel() for p in model.body_parameters()) == 1_677_578
+    rgb = build_model("alexnet_micro", in_channels=3, image_size=32, sobel=False)
+    assert sum(p.numel() for p in rgb.body_parameters()) == 1_680_650
+    small = build_model("alexnet_small", in_channels=3, image_size=32, sobel=True)  # ours, for comparison
+    assert sum(p.numel() for p in small.body_parameters()) == 7_484_042
+
+
+def test_alexnet_micro_trains_a_step():
+    torch.manual_seed(0)
+    model = build_model("alexnet_micro", in_channels=3, image_size=32, sobel=True, num_classes=5).train()
+    sobel = model.body.sobel.weight.clone()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 5
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())  # every layer learns
+    assert torch.equal(model.body.sobel.weight, sobel)  # the Sobel front stays fixed

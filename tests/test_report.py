@@ -1,12 +1,17 @@
-"""`dcscale report`: PNGs from a run's metrics.jsonl; the README's digits blocks that
-tools/digits_figures.py rewrites."""
+"""`dcscale report`: PNGs from a run's metrics.jsonl and of its clusters, readable panels; the IA and
+sweep plots; the README's digits blocks that tools/digits_figures.py rewrites."""
 
 import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from conftest import tiny_run_overrides
 from PIL import Image
 
 from dcscale.cli import main
@@ -123,3 +128,121 @@ def test_readme_digits_blocks_are_rewritten_in_place():
     assert outside_blocks(new) == outside_blocks(readme) != new, "only the blocks' bodies change"
     with pytest.raises(SystemExit, match="no <!-- digits_figures:demo --> block"):
         tool.replace_blocks("# README\n", blocks)
+
+
+# ---- a real run's report: readable panels and the pictures of its clusters -------------------------
+
+@pytest.fixture(scope="module")
+def two_cycle_run(digits_train_shards, tmp_path_factory):
+    """A tiny 2-cycle run clustering at both cycles (images by default: at cycle 0 and at the last)."""
+    run_dir = tmp_path_factory.mktemp("report") / "run"
+    proc = subprocess.run([sys.executable, "-m", "dcscale", "train", "--config",
+                           str(Path(__file__).parent / "train_test.yaml"),
+                           *tiny_run_overrides(digits_train_shards, run_dir)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def _cluster_pictures(run_dir, out, cycle, shards):
+    from dcscale.data.shardset import ShardSet
+    from dcscale.train.images import render_montage
+
+    written = {p.name: p for p in write_report(run_dir, out)}
+    assert {"overview.png", "phase_times.png", "clusters_montage.png", "clusters_contingency.png"} <= set(written)
+    for path in written.values():
+        _is_png(path)
+    record = json.loads((run_dir / "clusters.json").read_text())
+    assert record["cycle"] == cycle  # the last clustered cycle's
+    with Image.open(written["clusters_montage.png"]) as im:
+        np.testing.assert_array_equal(np.asarray(im), render_montage(ShardSet(shards), record))
+    with Image.open(written["clusters_contingency.png"]) as im:
+        assert im.size[0] >= 10 * 24 and im.size[1] >= 10 * 24  # 10 clusters x 10 classes
+
+
+@pytest.mark.filterwarnings("error")
+def test_report_of_a_two_cycle_run_shows_its_clusters(two_cycle_run, digits_train_shards, tmp_path):
+    _cluster_pictures(two_cycle_run, tmp_path / "out", 1, digits_train_shards)
+
+
+@pytest.mark.filterwarnings("error")
+def test_report_of_a_halted_run_shows_its_last_clustered_cycle(halted_image_run, digits_train_shards, tmp_path):
+    run_dir, _ = halted_image_run  # cycle 0 clustered, cycle 1 kept its labels
+    _cluster_pictures(run_dir, tmp_path / "out", 0, digits_train_shards)
+
+
+def test_a_damaged_montage_record_is_skipped_not_a_traceback(two_cycle_run, tmp_path, caplog):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(two_cycle_run, run)
+    record = json.loads((run / "clusters.json").read_text())
+    record["clusters"][0]["nearest"][0] = 10 ** 9  # beyond the shard set
+    (run / "clusters.json").write_text(json.dumps(record))
+    with caplog.at_level("INFO", logger="dcscale"):
+        names = {p.name for p in write_report(run, tmp_path / "out")}
+    assert "clusters_montage.png" not in names and "clusters_contingency.png" in names
+    assert "no montage" in caplog.text
+
+
+@pytest.mark.filterwarnings("error")
+def test_panels_are_readable():
+    """What a newcomer's short run showed: ticks at half cycles, an all-zero panel spanning -0.04..0.04,
+    a log axis with one tick or none, a legend over the lines, an offset ('1e-5+2.302') on the y axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dcscale.eval.report import PANELS, _draw
+
+    rows = [dict(_row(c), empty_clusters=0, loss=2.30285 - 6e-5 * c) for c in range(2)]
+    rows[0].update(cluster_min=0, cluster_max=180)
+    fig, axes = plt.subplots(1, 3)
+    for ax, name in zip(axes, ("empty_clusters", "cluster_sizes", "loss")):
+        assert _draw(ax, rows, PANELS[name])
+    fig.canvas.draw()
+    empty, sizes, loss = axes
+    for ax in axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks == [0, 1], "whole cycles only"
+    assert empty.get_ylim()[0] == 0 and empty.get_ylim()[1] >= 1
+    assert all(float(t).is_integer() for t in empty.get_yticks())
+    labels = [t.get_text() for t in sizes.get_yticklabels() if t.get_text()]
+    assert sizes.get_yscale() == "symlog" and len(labels) >= 5 and "0" in labels and "100" in labels
+    legend = sizes.get_legend().get_window_extent()
+    assert legend.x0 >= sizes.get_window_extent().x1, "the legend is beside the axes, not over the lines"
+    assert loss.yaxis.get_offset_text().get_text() == ""
+    plt.close(fig)
+
+
+def test_ia_boxplot_title_is_not_clipped(tmp_path):
+    """With one or two values the title used to be wider than the figure: nothing may touch its edges."""
+    from dcscale.eval.ia import write_boxplot
+
+    rng = np.random.default_rng(0)
+    for values in ([10], [10, 50]):
+        samples = [{"value": v, "ia": float(rng.uniform(0.3, 0.6))} for v in values for _ in range(8)]
+        path = tmp_path / f"ia_{len(values)}.png"
+        write_boxplot("cluster.k", values, samples, "10", path)
+        with Image.open(path) as im:
+            pixels = np.asarray(im.convert("L"))
+        assert (pixels[:, :2] == 255).all() and (pixels[:, -2:] == 255).all()
+
+
+def test_sweep_probe_panel_names_its_layers():
+    """probe_top1 is each point's best layer, which differs from point to point: the plot draws each
+    probed layer's own line (or names the only one)."""
+    spec = importlib.util.spec_from_file_location("dcscale_sweep_plot", Path(__file__).resolve().parents[1]
+                                                  / "tools" / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = sweep
+    spec.loader.exec_module(sweep)
+    rows = [{"cluster.k": "10", "probe_layer": "conv1", "probe_top1": 0.5, "probe_conv1_top1": 0.5,
+             "probe_relu2_top1": 0.4, "loss": 1.0},
+            {"cluster.k": "50", "probe_layer": "relu2", "probe_top1": 0.6, "probe_conv1_top1": 0.3,
+             "probe_relu2_top1": 0.6, "loss": 0.9}]
+    panels = dict(sweep.plot_panels(rows))
+    assert panels["linear probe top-1"] == [("probe_conv1_top1", "conv1"), ("probe_relu2_top1", "relu2")]
+    only = [{k: v for k, v in r.items() if "relu2" not in k} for r in rows]
+    assert dict(sweep.plot_panels(only))["linear probe top-1 (conv1)"] == [("probe_conv1_top1", None)]

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""Benchmark dcscale's clustering step (PCA + faiss k-means + assignment) against scikit-learn, and
-exact k-means (max_points_per_centroid: null) against subsampled training.
+"""Benchmark dcscale's clustering step (PCA + faiss k-means + assignment) against scikit-learn and
+against the original DeepCluster's settings, exact k-means (max_points_per_centroid: null) against
+subsampled training, and the PCA fit's solvers against each other and faiss's PCAMatrix.
 
     python tools/bench_cluster.py --n 100000 --dim 256 --k 1000
-    python tools/bench_cluster.py --n 50000 --dim 4096 --pca-dim 256 --k 1000 --json
+    python tools/bench_cluster.py --n 50000 --dim 4096 --pca-dim 256 --k 1000 --original --no-sklearn
+    python tools/bench_cluster.py --pca-fit-dims 2048,4096 --pca-dim 256 --pca-sample 20000
 
 Data: synthetic "network features" (a mixture of 2K Gaussian clusters of different widths in a
 64-d latent space, mapped linearly to D dims, plus isotropic noise), so that k-means has structure
@@ -19,6 +21,14 @@ Objectives are all the same measure: mean squared distance of every row to its a
 (after the final assignment). If sklearn would take too long, --sklearn-iter-cap runs its k-means
 for fewer iterations and extrapolates linearly per iteration (its k-means++ init is timed
 separately and not extrapolated); the output then says `sklearn_extrapolated: true`.
+  original:    (--original) the original DeepCluster's reduce step: faiss PCAMatrix(D, d, -0.5)
+               trained on all rows, applied to all rows, L2; then the same k-means and assignment
+               as `ours`. NMI against the mixture component each row was drawn from, and objective,
+               for both.
+  PCA fit:     (--pca-fit-dims D1,D2,...: only this) the fit on --pca-sample rows at each D by every
+               solver of dcscale.cluster.pca (full: the previous one, dense eigensolver) and by faiss's
+               PCAMatrix, with each one's eigenvalue error against `full`, its share of the top-d
+               variance `full` captures, and the leading eigenvectors it agrees on (cosine > 0.99).
 """
 
 from __future__ import annotations
@@ -32,17 +42,18 @@ import time
 import numpy as np
 
 
-def synthetic_features(n: int, dim: int, k: int, seed: int) -> np.ndarray:
+def synthetic_features(n: int, dim: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 rows [n, dim], the mixture component each row was drawn from [n])."""
     rng = np.random.default_rng(seed)
     latent = 64
     centers = rng.standard_normal((2 * k, latent)).astype(np.float32) * 2
     widths = rng.uniform(0.3, 1.5, 2 * k).astype(np.float32)
     which = rng.integers(0, 2 * k, n)
     z = centers[which] + widths[which, None] * rng.standard_normal((n, latent), dtype=np.float32)
-    mix = rng.standard_normal((latent, dim), dtype=np.float32) / np.sqrt(latent)
+    mix = rng.standard_normal((latent, dim), dtype=np.float32) / np.float32(np.sqrt(latent))
     x = z @ mix
     x += 0.3 * rng.standard_normal((n, dim), dtype=np.float32)
-    return x
+    return x, which
 
 
 REPEAT = 1  # set from --repeat: every timed step runs this many times and reports its fastest run
@@ -64,22 +75,90 @@ def run_ours(x, args):
         pca = None
         if args.pca_dim is not None:
             rows = sample_row_indices(x.shape[0], args.pca_sample, args.seed)
-            pca = fit_pca(x if rows is None else x[rows], args.pca_dim)
+            pca = fit_pca(x if rows is None else x[rows], args.pca_dim, solver=args.pca_solver)
         return apply_pca(x, pca)
 
     return timed(reduce)
 
 
 def run_kmeans(z, args, max_points_per_centroid):
+    """((objective, non-empty clusters, labels), seconds) of k-means + assignment of every row."""
     from dcscale.cluster import assign, train_kmeans, training_row_indices
 
     def cluster():
         rows = training_row_indices(z.shape[0], args.k, max_points_per_centroid, args.seed)
         km = train_kmeans(z if rows is None else z[rows], args.k, args.niter, args.seed)
         labels, dists = assign(z, km.centroids)
-        return float(dists.mean(dtype=np.float64)), int(np.unique(labels).size)
+        return float(dists.mean(dtype=np.float64)), int(np.unique(labels).size), labels
 
     return timed(cluster)
+
+
+def run_original(x, args):
+    """The original DeepCluster's reduce step (faiss PCAMatrix on all rows, applied to all rows, L2),
+    timed; the k-means after it is `run_kmeans`, as ours."""
+    import faiss
+
+    from dcscale.cluster import l2_normalize
+
+    def reduce():
+        mat = faiss.PCAMatrix(x.shape[1], args.pca_dim, -0.5)
+        mat.train(x)
+        return l2_normalize(mat.apply_py(x))
+
+    return timed(reduce)
+
+
+def compare_pca_fits(dim: int, args) -> dict:
+    """Every solver's fit (and faiss PCAMatrix's) on the same --pca-sample rows at dimension `dim`."""
+    import faiss
+    import torch
+
+    from dcscale.cluster.pca import top_eigenpairs
+
+    x, _ = synthetic_features(args.pca_sample, dim, args.k, args.seed)
+    d = args.pca_dim
+    out = {"dim": dim}
+    ref = None
+    for solver in ("full", "subset", "randomized"):
+        pairs, secs = timed(top_eigenpairs, x, d, "cpu", solver)
+        row = {"s": secs, "solver": pairs.solver, "passes": pairs.passes, "residual_bound": pairs.residual}
+        if ref is None:
+            ref = pairs
+        else:
+            disagree = ((ref.vectors * pairs.vectors).sum(0).abs() <= 0.99).nonzero()
+            row["eig_rel_err_max"] = float(((pairs.values - ref.values).abs() / ref.values).max())
+            row["eig_err_max_vs_top"] = float((pairs.values - ref.values).abs().max() / ref.values[0])
+            row["captured_variance_ratio"] = float(pairs.values.sum() / ref.values.sum())
+            row["leading_vectors_agreeing"] = int(disagree[0]) if len(disagree) else d
+        out[solver] = row
+    mat = faiss.PCAMatrix(dim, d, -0.5)
+    _, secs = timed(mat.train, x)
+    # (faiss's eigenvalues are of the scatter matrix X^T X: n times the covariance's)
+    values = torch.from_numpy(faiss.vector_to_array(mat.eigenvalues)[:d].astype(np.float64)) / len(x)
+    out["faiss"] = {"s": secs, "eig_rel_err_max": float(((values - ref.values).abs() / ref.values).max())}
+    out["subset_speedup_vs_full"] = out["full"]["s"] / out["subset"]["s"]
+    out["randomized_speedup_vs_full"] = out["full"]["s"] / out["randomized"]["s"]
+    return out
+
+
+def print_pca_fits(rows: list[dict], args) -> None:
+    print(f"PCA fit on {args.pca_sample} rows -> {args.pca_dim}, best of {REPEAT}:")
+    for r in rows:
+        print(f"  D={r['dim']}:")
+        for name in ("full", "subset", "randomized", "faiss"):
+            m = r[name]
+            extra = "" if name == "full" else f"   eig rel err max {m['eig_rel_err_max']:.1e}"
+            if "captured_variance_ratio" in m:
+                extra += (f", variance x{m['captured_variance_ratio']:.6f}, first {m['leading_vectors_agreeing']} "
+                          f"vectors agree")
+            if name == "randomized" and m["solver"] == "randomized":
+                extra += f", {m['passes']} passes, bound {m['residual_bound']:.1e}"
+            elif name == "randomized":
+                extra += f" (not converged: fell back to {m['solver']})"
+            print(f"    {name:<11} {m['s']:8.2f} s{extra}")
+        print(f"    subset {r['subset_speedup_vs_full']:.1f}x, randomized {r['randomized_speedup_vs_full']:.1f}x "
+              f"faster than full")
 
 
 def run_sklearn(x, z, args):
@@ -110,6 +189,12 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=500, help="clusters")
     p.add_argument("--pca-dim", type=int, default=None, help="PCA output dims (timed with the rest); default off")
     p.add_argument("--pca-sample", type=int, default=20_000, help="rows the PCA is fitted on")
+    p.add_argument("--pca-solver", default="auto", choices=["auto", "full", "subset", "randomized"],
+                   help="the PCA fit's solver in `ours` (dcscale.cluster.pca)")
+    p.add_argument("--original", action="store_true",
+                   help="also run the original DeepCluster's settings (faiss PCAMatrix on all rows; needs --pca-dim)")
+    p.add_argument("--pca-fit-dims", default=None,
+                   help="only compare the PCA fit's solvers at these dimensions, e.g. 2048,4096 (--pca-dim: 256)")
     p.add_argument("--niter", type=int, default=20)
     p.add_argument("--max-points-per-centroid", type=int, default=50, help="for the subsampled run")
     p.add_argument("--sklearn-iter-cap", type=int, default=None,
@@ -130,13 +215,29 @@ def main(argv=None) -> int:
         faiss.omp_set_num_threads(args.threads)
         torch.set_num_threads(args.threads)
 
-    x = synthetic_features(args.n, args.dim, args.k, args.seed)
+    if args.pca_fit_dims:
+        args.pca_dim = args.pca_dim or 256
+        rows = [compare_pca_fits(int(d), args) for d in args.pca_fit_dims.split(",")]
+        result = {"pca_fit": rows, "pca_sample": args.pca_sample, "pca_dim": args.pca_dim, "repeat": REPEAT,
+                  "threads": torch.get_num_threads(), "loadavg_1min_before": load_before,
+                  "loadavg_1min_after": os.getloadavg()[0]}
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print_pca_fits(rows, args)
+        return 0
+    if args.original and args.pca_dim is None:
+        p.error("--original needs --pca-dim")
+
+    from dcscale.cluster import nmi
+
+    x, truth = synthetic_features(args.n, args.dim, args.k, args.seed)
     z, pca_s = run_ours(x, args)
-    (exact_obj, exact_used), exact_s = run_kmeans(z, args, None)
-    (sub_obj, sub_used), sub_s = run_kmeans(z, args, args.max_points_per_centroid)
+    (exact_obj, exact_used, exact_labels), exact_s = run_kmeans(z, args, None)
+    (sub_obj, sub_used, _), sub_s = run_kmeans(z, args, args.max_points_per_centroid)
     result = {
         "n": args.n, "dim": args.dim, "k": args.k, "pca_dim": args.pca_dim,
-        "pca_sample": args.pca_sample if args.pca_dim else None, "niter": args.niter,
+        "pca_sample": args.pca_sample if args.pca_dim else None, "pca_solver": args.pca_solver, "niter": args.niter,
         "max_points_per_centroid": args.max_points_per_centroid,
         "threads": faiss.omp_get_max_threads(), "gpu": faiss.get_num_gpus() > 0, "repeat": REPEAT,
         "loadavg_1min_before": load_before,
@@ -145,7 +246,17 @@ def main(argv=None) -> int:
         "exact_objective": exact_obj, "subsampled_objective": sub_obj,
         "exact_nonempty": exact_used, "subsampled_nonempty": sub_used,
         "subsampled_speedup": exact_s / sub_s, "subsampled_objective_ratio": sub_obj / exact_obj,
+        "exact_nmi": nmi(truth, exact_labels),
     }
+    if args.original:
+        z_orig, orig_pca_s = run_original(x, args)
+        (orig_obj, _, orig_labels), orig_kmeans_s = run_kmeans(z_orig, args, None)
+        result.update({"original_pca_s": orig_pca_s, "original_s": orig_pca_s + orig_kmeans_s,
+                       "original_objective": orig_obj, "original_nmi": nmi(truth, orig_labels),
+                       "speedup_vs_original": (orig_pca_s + orig_kmeans_s) / (pca_s + exact_s)})
+        result["objective_vs_original"] = exact_obj / orig_obj
+        result["nmi_vs_original"] = result["exact_nmi"] / result["original_nmi"]
+    result["loadavg_1min_after"] = os.getloadavg()[0]
     if not args.no_sklearn:
         result.update(run_sklearn(x, z, args))
         result["speedup_vs_sklearn"] = result["sklearn_s"] / result["ours_s"]
@@ -159,6 +270,8 @@ def main(argv=None) -> int:
           f"gpu={result['gpu']}")
     rows = [("dcscale exact (PCA + k-means + assign)", result["ours_s"], exact_obj),
             (f"dcscale subsampled ({args.max_points_per_centroid}/centroid)", result["ours_subsampled_s"], sub_obj)]
+    if args.original:
+        rows.append(("original (PCAMatrix on all rows + k-means)", result["original_s"], result["original_objective"]))
     if "sklearn_s" in result:
         note = " (extrapolated)" if result["sklearn_extrapolated"] else ""
         rows.append((f"scikit-learn PCA + KMeans{note}", result["sklearn_s"], result["sklearn_objective"]))
@@ -169,6 +282,11 @@ def main(argv=None) -> int:
     if "sklearn_s" in result:
         print(f"  dcscale vs scikit-learn: {result['speedup_vs_sklearn']:.1f}x (exact), "
               f"{result['speedup_vs_sklearn_subsampled']:.1f}x (subsampled)")
+    if args.original:
+        print(f"  dcscale vs the original settings: {result['speedup_vs_original']:.1f}x faster (PCA step "
+              f"{result['pca_s']:.2f} s vs {result['original_pca_s']:.2f} s); NMI with the truth "
+              f"{result['exact_nmi']:.4f} vs {result['original_nmi']:.4f}, "
+              f"objective x{result['objective_vs_original']:.4f}")
     return 0
 
 

@@ -133,12 +133,12 @@ def probe_block(out: Path, train: Path, test: Path, checkpoint: Path, demo_rows:
     return "\n".join(lines) + "\n" + text
 
 
-def replace_blocks(text: str, blocks: dict[str, str]) -> str:
-    """Replace the body of every `<!-- digits_figures:NAME -->` ... `<!-- /digits_figures:NAME -->` block."""
+def replace_blocks(text: str, blocks: dict[str, str], tag: str = "digits_figures") -> str:
+    """Replace the body of every `<!-- TAG:NAME -->` ... `<!-- /TAG:NAME -->` block (TAG: the tool's name)."""
     for name, body in blocks.items():
-        pattern = re.compile(rf"(<!-- digits_figures:{name} -->\n).*?(<!-- /digits_figures:{name} -->)", re.S)
+        pattern = re.compile(rf"(<!-- {tag}:{name} -->\n).*?(<!-- /{tag}:{name} -->)", re.S)
         if not pattern.search(text):
-            raise SystemExit(f"digits_figures: error: no <!-- digits_figures:{name} --> block in the README")
+            raise SystemExit(f"{tag}: error: no <!-- {tag}:{name} --> block in the README")
         text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
     return text
 

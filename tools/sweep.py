@@ -3,7 +3,7 @@
 
 This is how the paper's halting and cluster-count experiments are reproduced, e.g.
 
-    python tools/sweep.py --config configs/paper/cifar10_alexnet_small.yaml \
+    python tools/sweep.py --config configs/paper/cifar10_alexnet_micro.yaml \
         --grid cluster.halt_after=1,10,30,50 --out runs/sweep_halt
     python tools/sweep.py --config configs/paper/fmnist_lenet5.yaml \
         --grid cluster.k=10,50,100,500 --set train.cycles=20 --out runs/sweep_k \
@@ -229,8 +229,38 @@ def _numeric(values: list) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
+def probe_layers(rows: list[dict]) -> list[str]:
+    """The probed layers, in the order the probes list them (shallow to deep)."""
+    layers: list[str] = []
+    for row in rows:
+        for column, value in row.items():
+            name = column[len("probe_"):-len("_top1")]
+            if (column.startswith("probe_") and column.endswith("_top1") and name and name not in layers
+                    and isinstance(value, (int, float))):
+                layers.append(name)
+    return layers
+
+
+def plot_panels(rows: list[dict]) -> list[tuple[str, list[tuple[str, str | None]]]]:
+    """(title, [(column, line label)]) per panel: one per PLOT_KEYS metric that has values. The probe
+    panel draws each layer's top-1 (probe_top1 is each point's best layer, which may differ from point
+    to point), its title or lines naming the layers."""
+    panels = []
+    for metric in PLOT_KEYS:
+        if metric == "probe_top1":
+            layers = probe_layers(rows)
+            if len(layers) == 1:
+                panels.append((f"linear probe top-1 ({layers[0]})", [(f"probe_{layers[0]}_top1", None)]))
+            elif layers:
+                panels.append(("linear probe top-1", [(f"probe_{name}_top1", name) for name in layers]))
+        elif any(isinstance(r.get(metric), (int, float)) for r in rows):
+            panels.append((metric, [(metric, None)]))
+    return panels or [("cycles", [("cycles", None)])]
+
+
 def write_plot(rows: list[dict], grid: dict[str, list], path: Path) -> None:
-    """Each metric against the first grid key; one line per combination of the other keys."""
+    """Each metric against the first grid key; one line per combination of the other keys (and per
+    probed layer)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,25 +271,29 @@ def write_plot(rows: list[dict], grid: dict[str, list], path: Path) -> None:
     xs_all = grid[x_key]
     numeric = _numeric(xs_all)
     position = {format_value(v): (v if numeric else i) for i, v in enumerate(xs_all)}
-    metrics = [m for m in PLOT_KEYS if any(isinstance(r.get(m), (int, float)) for r in rows)] or ["cycles"]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.8), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
+    panels = plot_panels(rows)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.8), squeeze=False)
+    for ax, (title, columns) in zip(axes[0], panels):
         for combo in itertools.product(*(grid[k] for k in others)):
             sub = [r for r in rows if all(r[k] == format_value(v) for k, v in zip(others, combo))]
-            pts = [(position[r[x_key]], r[metric]) for r in sub
-                   if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
-            if not pts:
-                continue
-            pts.sort()
-            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={format_value(v)}" for k, v in zip(others, combo)) or None
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            for column, series in columns:
+                pts = [(position[r[x_key]], r[column]) for r in sub
+                       if isinstance(r.get(column), (int, float)) and math.isfinite(r[column])]
+                if not pts:
+                    continue
+                pts.sort()
+                parts = [series] if series else []
+                parts += [f"{k.rsplit('.', 1)[-1]}={format_value(v)}" for k, v in zip(others, combo)]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=", ".join(parts) or None)
         ax.set_xlabel(x_key)
-        ax.set_ylabel(metric)
-        ax.set_title(metric)
-        if not numeric:
+        ax.set_ylabel(title.split(" (")[0])
+        ax.set_title(title)
+        if numeric:
+            ax.set_xticks(sorted(set(xs_all)))  # the grid's values, not fractions between them
+        else:
             ax.set_xticks(range(len(xs_all)), [format_value(v) for v in xs_all])
         ax.grid(alpha=0.3)
-        if others:
+        if ax.get_legend_handles_labels()[1]:
             ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

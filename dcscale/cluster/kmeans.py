@@ -115,13 +115,13 @@ def _as_rows(x: np.ndarray) -> np.ndarray:
 
 
 def train_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, *, gpu: bool | None = None,
-                 verbose: bool = False) -> KMeansResult:
+                 verbose: bool = False, on_iteration=None) -> KMeansResult:
     """Train k-means with faiss on the rows of x [T, d] (random initial centroids, as the original).
 
     Empty clusters during training are re-seeded by faiss's splitting. When there are fewer rows
     than clusters (K close to or above N), the rows are repeated to reach K so that faiss can run;
     the surplus centroids then duplicate others and end up empty at assignment, where they are
-    counted (never a crash).
+    counted (never a crash). `on_iteration(objective)` is called after every iteration.
     """
     x = _as_rows(x)
     t, d = x.shape
@@ -132,8 +132,10 @@ def train_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, *, gpu: 
     if t < k:
         x = np.ascontiguousarray(np.resize(x, (k, d)))  # repeats rows cyclically
         t = k
+    if niter < 1:
+        raise ValueError(f"niter must be >= 1, got {niter}")
     clus = faiss.Clustering(d, k)
-    clus.niter = int(niter)
+    clus.niter = 1  # one iteration per train() call, so that progress can be shown (see below)
     clus.seed = int(seed)
     clus.verbose = verbose
     # Rows are already subsampled (training_row_indices): faiss must take them all, and must not
@@ -141,12 +143,31 @@ def train_kmeans(x: np.ndarray, k: int, niter: int = 20, seed: int = 0, *, gpu: 
     clus.max_points_per_centroid = t // k + 1  # k * this > t: no faiss subsampling
     clus.min_points_per_centroid = 1
     index = _flat_index(d, gpu)
-    clus.train(x, index)
-    centroids = faiss.vector_to_array(clus.centroids).reshape(k, d).astype(np.float32, copy=False)
     stats = clus.iteration_stats
+    # The first call draws the initial centroids, later calls start from the centroids they find;
+    # faiss re-seeds empty clusters with a generator it creates anew every iteration, and its early
+    # stop is repeated here: bit for bit the same as one call with niter iterations.
+    threshold = getattr(clus, "early_stop_threshold", None)  # (faiss >= 1.12)
+    for i in range(int(niter)):
+        clus.train(x, index)
+        objective = stats.at(stats.size() - 1).obj
+        if on_iteration is not None:
+            on_iteration(float(objective))
+        if i > 0 and threshold is not None and _converged(stats.at(stats.size() - 2).obj, objective, threshold):
+            break
+    centroids = faiss.vector_to_array(clus.centroids).reshape(k, d).astype(np.float32, copy=False)
     objectives = [float(stats.at(i).obj) for i in range(stats.size())]
     return KMeansResult(centroids=centroids, objective=objectives[-1] if objectives else float("nan"),
                         iteration_objectives=objectives, n_train=t)
+
+
+def _converged(previous: float, objective: float, threshold: float) -> bool:
+    """faiss's early stop (Clustering::train_encoded): the objective's relative change, in float32,
+    at most the threshold (0 by default: the objective did not change)."""
+    if previous == 0:
+        return False
+    change = np.float32(abs(np.float32(previous) - np.float32(objective))) / np.float32(abs(previous))
+    return float(change) <= threshold
 
 
 def assign(x: np.ndarray, centroids: np.ndarray, *, gpu: bool | None = None,

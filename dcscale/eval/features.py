@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dcscale.config import Config, config_from_dict
+from dcscale.config import Config
 from dcscale.errors import DcscaleError
 
 PIXELS = "pixels"  # pseudo-layer: the normalised input image itself (no network)
@@ -71,32 +71,12 @@ def resolve_layers(spec: str, model) -> list[str]:
 
 
 def load_checkpoint_model(path: str | Path, device: torch.device):
-    """(model in eval mode on device, Config, image_shape [C,H,W]) from a checkpoint-format .pt file.
+    """(model in eval mode on device, Config, image_shape [C,H,W]) from a dcscale checkpoint or a
+    backbone export (`dcscale export --format backbone`; its head is a placeholder, unused for features)."""
+    from dcscale.export import load_network
 
-    The K-way head is not needed for features; it is rebuilt at the checkpoint's size so the whole
-    state dict loads strictly.
-    """
-    from dcscale.models import build_model_from_config
-    from dcscale.train.checkpoint import load_checkpoint
-
-    path = Path(path)
-    if not path.is_file():
-        raise DcscaleError(f"checkpoint not found: {path}")
-    ckpt = load_checkpoint(path)
-    for key in ("model", "config", "image_shape"):
-        if key not in ckpt:
-            raise DcscaleError(f"{path}: not a dcscale checkpoint (no '{key}' entry)")
-    cfg = config_from_dict(ckpt["config"], source=str(path))
-    c, h, _ = [int(v) for v in ckpt["image_shape"]]
-    model = build_model_from_config(cfg, in_channels=c, image_size=h)
-    state = ckpt["model"]
-    if "head.weight" in state:
-        model.reset_head(state["head.weight"].shape[0])
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise DcscaleError(f"{path}: weights do not fit {cfg.model.arch}: {str(err).splitlines()[0]}") from None
-    return model.to(device).eval(), cfg, [c, h, h]
+    net = load_network(path)
+    return net.model.to(device).eval(), net.cfg, net.image_shape
 
 
 def random_init_model(cfg: Config, in_channels: int, image_size: int, seed: int, device: torch.device):

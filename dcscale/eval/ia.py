@@ -1,7 +1,9 @@
 """`dcscale ia`: Initial Alignment (IA) distributions over one hyperparameter (Deep Dive, section 4.3).
 
 IA is the NMI between the ground-truth labels and the pseudo-labels of cycle 0: a randomly
-initialised network, feature extraction, PCA + whitening + L2, k-means, assignment. The paper shows
+initialised network, feature extraction, PCA + whitening + L2, k-means, assignment. `ia` uses the
+arithmetic normalisation (scikit-learn's default, the Deep Dive's); every sample also carries
+`ia_geometric` (the original DeepCluster's NMI) and ia.json a `summary_geometric`. The paper shows
 that the value of a hyperparameter with the highest IA tends to give the best final accuracy, and
 that among random initialisations a higher IA gives a higher final accuracy.
 
@@ -35,11 +37,12 @@ def parse_vary(spec: str) -> tuple[str, list]:
     return parse_value_list(spec, "--vary", VARY_EXAMPLES)
 
 
-def alignment(gt: np.ndarray, pseudo: np.ndarray) -> float:
-    """IA: NMI between ground truth and pseudo-labels; entries where either is -1 are ignored."""
+def alignment(gt: np.ndarray, pseudo: np.ndarray, average: str = "arithmetic") -> float:
+    """IA: NMI between ground truth and pseudo-labels (arithmetic normalisation unless `average` is
+    'geometric'); entries where either is -1 are ignored."""
     from dcscale.cluster.metrics import initial_alignment
 
-    return float(initial_alignment(gt, pseudo))
+    return float(initial_alignment(gt, pseudo, average))
 
 
 def summarise(values: list[float]) -> dict:
@@ -47,6 +50,12 @@ def summarise(values: list[float]) -> dict:
     q1, med, q3 = np.percentile(a, [25, 50, 75])
     return {"n": int(a.size), "median": float(med), "q1": float(q1), "q3": float(q3), "iqr": float(q3 - q1),
             "mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}
+
+
+def summarise_by_value(samples: list[dict], values: list, field: str) -> dict[str, dict]:
+    """{formatted value: summarise(that value's samples' `field`)}."""
+    return {format_value(v): summarise([s[field] for s in samples if format_value(s["value"]) == format_value(v)])
+            for v in values}
 
 
 def recommend(summary: dict[str, dict]) -> str:
@@ -77,6 +86,7 @@ def sample_ia(base: Config, key: str, values: list, seeds: int, env, shardset, l
 
     Returns (samples, best) where best[value] = {"ia", "seed", "state", "config", "image_shape"}.
     """
+    from dcscale.cluster.metrics import nmi_scores
     from dcscale.train.phases import extract_features
 
     gt = shardset.labels()
@@ -100,9 +110,12 @@ def sample_ia(base: Config, key: str, values: list, seeds: int, env, shardset, l
             indices, feats = cached
             t1 = time.perf_counter()
             labels, objective = cycle0_labels(cfg, feats, indices, n_total)
-            ia = alignment(gt, labels)
+            # IA with arithmetic NMI (the Deep Dive's); ia_geometric as the original DeepCluster's NMI
+            scores = nmi_scores(gt, labels)
+            ia = scores["arithmetic"]
             counts = np.bincount(labels[labels >= 0], minlength=cfg.cluster.k)
-            sample = {"value": value, "seed": cfg.seed, "ia": ia, "objective": objective,
+            sample = {"value": value, "seed": cfg.seed, "ia": ia, "ia_geometric": scores["geometric"],
+                      "objective": objective,
                       "empty_clusters": int((counts == 0).sum()),
                       "t_extract": round(t1 - t0, 3), "t_cluster": round(time.perf_counter() - t1, 3)}
             samples.append(sample)
@@ -136,8 +149,8 @@ def write_boxplot(key: str, values: list, samples: list[dict], recommended: str,
 
     names = [format_value(v) for v in values]
     data = [[s["ia"] for s in samples if format_value(s["value"]) == n] for n in names]
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(names) + 2), 4))
-    ax.boxplot(data, showfliers=True)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(names) + 2), 4))
+    ax.boxplot(data, showfliers=False)  # every sample is drawn below, outliers included
     ax.set_xticks(range(1, len(names) + 1), names)
     rng = np.random.default_rng(0)
     for i, d in enumerate(data, 1):  # the samples themselves, jittered
@@ -146,7 +159,8 @@ def write_boxplot(key: str, values: list, samples: list[dict], recommended: str,
     ax.get_xticklabels()[best].set_fontweight("bold")
     ax.set_xlabel(key)
     ax.set_ylabel("Initial Alignment (NMI with ground truth)")
-    ax.set_title(f"IA over {len(data[0])} random inits; highest median: {key}={recommended}")
+    # two lines: one line is wider than the axes when there are only one or two values
+    ax.set_title(f"IA over {len(data[0])} random inits\nhighest median: {key}={recommended}", fontsize="medium")
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -214,11 +228,12 @@ def run(args) -> int:
         if not env.is_main:
             return 0
         out.mkdir(parents=True, exist_ok=True)
-        summary = {format_value(v): summarise([s["ia"] for s in samples if format_value(s["value"]) == format_value(v)]) for v in values}
+        summary = summarise_by_value(samples, values, "ia")
         chosen = recommend(summary)
         result = {"key": key, "values": values, "seeds": args.seeds, "config": str(args.config),
                   "overrides": list(args.overrides), "train": str(shardset.root), "n_images": len(shardset),
                   "world_size": env.world_size, "samples": samples, "summary": summary,
+                  "summary_geometric": summarise_by_value(samples, values, "ia_geometric"),
                   "recommendation": {"key": key, "value": next(v for v in values if format_value(v) == chosen),
                                      "median_ia": summary[chosen]["median"]}}
         write_boxplot(key, values, samples, chosen, out / "ia_boxplot.png")

@@ -8,6 +8,8 @@ travel to rank 0, which merges them and votes. Nothing of size N_train x D sits 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -85,17 +87,28 @@ def _features_fn(model):
     return body.features
 
 
-@torch.no_grad()
+@dataclass
+class KnnResult:
+    top1: float  # the same on every rank (NaN without labels)
+    confusion: np.ndarray | None = None  # rank 0: int64 [classes, classes], rows true, columns predicted
+
+
 def knn_monitor(model, train_shardset, test_shardset, transform, env, cfg) -> float:
     """Weighted k-NN top-1 of the model's features: data.train as memory bank, data.test as queries.
 
     Collective: every rank must call it. Returns the same value on every rank (NaN without labels).
     """
+    return knn_evaluate(model, train_shardset, test_shardset, transform, env, cfg).top1
+
+
+@torch.no_grad()
+def knn_evaluate(model, train_shardset, test_shardset, transform, env, cfg) -> KnnResult:
+    """knn_monitor's top-1, and on rank 0 the confusion matrix of the votes (labelled queries)."""
     from dcscale.train.phases import extract_features
 
     train_gt, test_gt = train_shardset.labels(), test_shardset.labels()
     if train_gt is None or test_gt is None:
-        return float("nan")
+        return KnnResult(float("nan"))
     net = model.module if hasattr(model, "module") else model
     was_training = net.training
     net.eval()
@@ -122,7 +135,7 @@ def knn_monitor(model, train_shardset, test_shardset, transform, env, cfg) -> fl
     # Rank 0 merges every rank's k candidates per query: [W * n_test, k] -> [n_test, W * k].
     cand = np.concatenate([sims.numpy().astype(np.float32), nbr.numpy().astype(np.float32)], axis=1)
     gathered = dist.gather_rows_to_main(cand)
-    result = float("nan")
+    result, confusion = float("nan"), None
     if gathered is not None:
         n_test, k = len(all_te_idx), cfg.eval.knn_k
         per_rank = torch.from_numpy(gathered).reshape(-1, n_test, 2 * k)
@@ -135,4 +148,7 @@ def knn_monitor(model, train_shardset, test_shardset, transform, env, cfg) -> fl
         if labelled.any():
             pred = vote(sims, nbr, cfg.eval.knn_temperature, num_classes)
             result = float((pred[labelled] == truth[labelled]).double().mean())
-    return float(dist.broadcast_object(result)) if env.world_size > 1 else result
+            pairs = truth[labelled].numpy() * num_classes + pred[labelled].numpy()
+            confusion = np.bincount(pairs, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    top1 = float(dist.broadcast_object(result)) if env.world_size > 1 else result
+    return KnnResult(top1, confusion)

@@ -1,33 +1,54 @@
-"""`dcscale report RUN_DIR`: PNG plots of a run's curves, read from its metrics.jsonl.
+"""`dcscale report RUN_DIR`: PNG plots of a run's curves, read from its metrics.jsonl, and pictures
+of its clusters.
 
 One PNG per panel (loss, pseudo-label accuracy, NMI with the previous cycle, NMI with the ground
 truth, empty clusters, cluster sizes, phase times, throughput, k-NN accuracy when logged) plus
-`overview.png` with all of them, written to RUN_DIR/report/ (or --out).
+`overview.png` with all of them, and for the last clustered cycle `clusters_montage.png` (the images
+nearest to the centroids of a sample of clusters) and `clusters_contingency.png` (pseudo-labels
+against classes, with ground truth): the pictures TensorBoard shows, so that a run can be read
+without it. Written to RUN_DIR/report/ (or --out).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from dcscale.errors import DcscaleError
 from dcscale.train.logging import metrics_lines
 
-PHASES = ("t_extract", "t_pca", "t_kmeans", "t_assign", "t_train")
+log = logging.getLogger("dcscale")
 
-# name -> (title, y label, [(metric key, legend label)], log scale)
-PANELS: dict[str, tuple[str, str, list[tuple[str, str]], bool]] = {
-    "loss": ("Training loss", "cross-entropy", [("loss", "loss")], False),
-    "accuracy": ("Pseudo-label train accuracy", "accuracy", [("accuracy", "accuracy")], False),
-    "nmi_prev": ("NMI with the previous cycle", "NMI", [("nmi_prev", "NMI(t, t-1)")], False),
-    "nmi_gt": ("NMI with the ground truth", "NMI", [("nmi_gt", "NMI(labels, truth)")], False),
-    "knn": ("k-NN accuracy on the test set", "top-1", [("knn_top1", "k-NN top-1")], False),
-    "empty_clusters": ("Empty clusters", "clusters", [("empty_clusters", "empty")], False),
-    "cluster_sizes": ("Cluster sizes", "images per cluster",
-                      [("cluster_max", "max"), ("cluster_median", "median"), ("cluster_min", "min")], True),
-    "phase_times": ("Phase times", "seconds", [(k, k[2:]) for k in PHASES] + [("t_cycle", "cycle")], False),
-    "throughput": ("Throughput", "images / s", [("ips_extract", "extract"), ("ips_train", "train")], False),
+PHASES = ("t_extract", "t_pca", "t_kmeans", "t_assign", "t_train", "t_images")
+
+
+@dataclass(frozen=True)
+class Panel:
+    title: str
+    ylabel: str
+    series: list[tuple[str, str]]  # (metric key, legend label)
+    counts: bool = False  # whole numbers >= 0: integer ticks, the axis from 0
+    wide: bool = False  # may span orders of magnitude: a log axis when it does
+
+
+PANELS: dict[str, Panel] = {
+    "loss": Panel("Training loss", "cross-entropy", [("loss", "loss")]),
+    "accuracy": Panel("Pseudo-label train accuracy", "accuracy", [("accuracy", "accuracy")]),
+    "nmi_prev": Panel("NMI with the previous cycle", "NMI", [("nmi_prev", "NMI(t, t-1)")]),
+    "nmi_gt": Panel("NMI with the ground truth", "NMI", [("nmi_gt", "NMI(labels, truth)")]),
+    "knn": Panel("k-NN accuracy on the test set", "top-1", [("knn_top1", "k-NN top-1")]),
+    "empty_clusters": Panel("Empty clusters", "clusters", [("empty_clusters", "empty")], counts=True),
+    "cluster_sizes": Panel("Cluster sizes", "images per cluster",
+                           [("cluster_max", "max"), ("cluster_median", "median"), ("cluster_min", "min")],
+                           counts=True, wide=True),
+    "phase_times": Panel("Phase times", "seconds", [(k, k[2:]) for k in PHASES] + [("t_cycle", "cycle")],
+                         wide=True),
+    "throughput": Panel("Throughput", "images / s", [("ips_extract", "extract"), ("ips_train", "train")]),
 }
 
 
@@ -71,30 +92,71 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     return xs, ys
 
 
-def _draw(ax, rows: list[dict], panel: tuple) -> bool:
+def _draw(ax, rows: list[dict], panel: Panel) -> bool:
     """Draw one panel on `ax`; False when none of its metrics was logged."""
-    title, ylabel, keys, log = panel
-    drawn = False
-    for key, label in keys:
+    from matplotlib.ticker import MaxNLocator
+
+    values, drawn = [], 0
+    for key, label in panel.series:
         xs, ys = _series(rows, key)
         if not xs:
             continue
         ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
-        drawn = True
+        values += ys
+        drawn += 1
     # Mark the cycles where clustering was skipped (early clustering stop).
     halted = [r["cycle"] for r in rows if r.get("clustered") is False]
     if drawn and halted:
         ax.axvspan(min(halted) - 0.5, max(halted) + 0.5, color="0.9", zorder=0,
                    label="clustering halted")
-    ax.set_title(title)
+    ax.set_title(panel.title)
     ax.set_xlabel("cycle")
-    ax.set_ylabel(ylabel)
-    if log and drawn:
-        ax.set_yscale("symlog", linthresh=1)
-    if drawn and (len(keys) > 1 or halted):
-        ax.legend(fontsize="small")
+    ax.set_ylabel(panel.ylabel)
+    # every panel spans the run's cycles, with ticks on whole cycles only
+    first, last = rows[0]["cycle"], rows[-1]["cycle"]
+    pad = max(0.5, 0.03 * (last - first))
+    ax.set_xlim(first - pad, last + pad)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if drawn:
+        _scale_y(ax, values, panel)
+    if drawn > 1 or (drawn and halted):  # beside the axes, never over the lines
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize="small", frameon=False)
     ax.grid(alpha=0.3)
-    return drawn
+    return bool(drawn)
+
+
+def _scale_y(ax, values: list[float], panel: Panel) -> None:
+    """A log axis with 1-2-5 ticks when a wide panel spans more than 20x (symlog, from 0, when it
+    holds zeros); otherwise linear, without an offset, from 0 for counts and for an all-equal series."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
+
+    low, top = min(values), max(values)
+    positive = [v for v in values if v > 0]
+    if panel.wide and positive and top / min(positive) > 20:
+        smallest = min(positive)
+        if low > 0:
+            ax.set_yscale("log")
+            ax.set_ylim(smallest / 1.25, top * 1.25)
+        else:  # zeros (an empty cluster, a halted cycle's phases): linear up to the smallest positive value
+            ax.set_yscale("symlog", linthresh=min(1.0, smallest), linscale=0.3)
+            ax.set_ylim(0, top * 1.25)
+        ax.yaxis.set_major_locator(FixedLocator(_log_ticks(smallest, top, zero=low <= 0)))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if abs(v) >= 1 else f"{v:g}"))
+        return
+    if panel.counts:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if low >= 0 and (panel.counts or low == top):
+        ax.set_ylim(0, max(top * 1.08, 1 if panel.counts or top == 0 else top * 1.5))
+    ax.ticklabel_format(axis="y", useOffset=False)
+
+
+def _log_ticks(smallest: float, top: float, zero: bool) -> list[float]:
+    """1-2-5 ticks (1-10-100 beyond three decades) from the smallest positive value to the top, and 0."""
+    subs = (1, 2, 5) if top / smallest <= 1000 else (1,)
+    ticks = [m * 10.0 ** e for e in range(math.floor(math.log10(smallest)), math.ceil(math.log10(top)) + 1)
+             for m in subs]
+    return ([0.0] if zero else []) + [t for t in ticks if smallest / 1.25 <= t <= top * 1.25]
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
@@ -113,7 +175,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list
 
     written, shown = [], []
     for name, panel in PANELS.items():
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(6.5, 4))
         if _draw(ax, rows, panel):
             fig.tight_layout()
             path = out / f"{name}.png"
@@ -124,7 +186,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list
 
     cols = 3
     nrows = max(1, math.ceil(len(shown) / cols))
-    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.6 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.6 * cols, 3.6 * nrows), squeeze=False)
     for ax, name in zip(axes.flat, shown):
         _draw(ax, rows, PANELS[name])
     for ax in list(axes.flat)[len(shown):]:
@@ -135,7 +197,65 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list
     fig.savefig(path, dpi=80)
     plt.close(fig)
     written.append(path)
+    return written + write_cluster_images(run_dir, rows, out)
+
+
+def write_cluster_images(run_dir: Path, rows: list[dict], out: Path) -> list[Path]:
+    """clusters_montage.png and clusters_contingency.png of the last clustered cycle, from the run's
+    clusters.json, labels.npy and training shard set (config.yaml's data.train); the paths written.
+    Those missing (an older run, a shard set elsewhere) are skipped with a note."""
+    from PIL import Image
+
+    from dcscale.config import load_config
+    from dcscale.data.shardset import ShardSet
+    from dcscale.train import images
+
+    clustered = [r for r in rows if r.get("clustered")]
+    if not clustered:
+        return []
+    last = clustered[-1]
+    try:
+        cfg = load_config(run_dir / "config.yaml")
+        shards = ShardSet(cfg.data.train)
+    except DcscaleError as err:
+        log.info("report: no cluster pictures (%s)", err)
+        return []
+    pictures = {}
+    # a finished run's is the last clustered cycle's; a stopped one's, its newest image cycle's
+    record = images.read_record(run_dir, len(shards))
+    if record is not None and record["cycle"] <= last["cycle"] and record["clusters"]:
+        pictures["clusters_montage"] = images.render_montage(shards, record)
+    else:
+        log.info("report: no montage: %s holds none up to cycle %d", run_dir / images.RECORD_NAME, last["cycle"])
+    truth = shards.labels()
+    if truth is not None:
+        labels = _saved_labels(run_dir / "labels.npy", len(truth))
+        if labels is not None:
+            nmi = last.get("nmi_gt")
+            title = f"cycle {last['cycle']}: pseudo-labels against classes" + (f", NMI {nmi:.3f}" if nmi else "")
+            heat = images.render_contingency(labels, truth, cfg.cluster.k, title)
+            if heat is not None:
+                pictures["clusters_contingency"] = heat
+    written = []
+    for name, picture in pictures.items():
+        path = out / f"{name}.png"
+        Image.fromarray(picture).save(path)
+        written.append(path)
     return written
+
+
+def _saved_labels(path: Path, n: int) -> np.ndarray | None:
+    """The run's pseudo-labels (int32 [n]), or None (with a note) when they are missing or not for
+    this shard set."""
+    try:
+        labels = np.load(path)  # never unpickles: allow_pickle is off
+    except (OSError, ValueError) as err:
+        log.info("report: no contingency heatmap: cannot read %s (%s)", path, err)
+        return None
+    if labels.ndim != 1 or len(labels) != n or not np.issubdtype(labels.dtype, np.integer):
+        log.info("report: no contingency heatmap: %s does not hold %d integer labels", path, n)
+        return None
+    return labels
 
 
 def summary_line(rows: list[dict]) -> str:

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from dcscale.errors import ConfigError
 from dcscale.models.common import DeepClusterNet, SobelFilter, init_weights
-from dcscale.models.convnets import alexnet, alexnet_small, lenet5, vgg16_bn
+from dcscale.models.convnets import alexnet, alexnet_micro, alexnet_small, lenet5, vgg16_bn
 from dcscale.models.resnet import resnet50
 
 if TYPE_CHECKING:
@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 ARCHS = {
     "lenet5": lenet5,
     "alexnet": alexnet,
-    "alexnet_small": alexnet_small,
+    "alexnet_micro": alexnet_micro,  # the Deep Dive paper's SVHN/CIFAR10 network
+    "alexnet_small": alexnet_small,  # ours
     "vgg16_bn": vgg16_bn,
     "resnet50": resnet50,
 }

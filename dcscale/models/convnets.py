@@ -1,6 +1,6 @@
-"""LeNet-5, AlexNet (DeepCluster's), the small AlexNet of the Deep Dive paper and VGG16(-BN).
+"""LeNet-5, AlexNet (DeepCluster's), the Deep Dive paper's AlexNet_Micro, our alexnet_small, VGG16(-BN).
 
-All four share one shape: [Sobel] -> conv trunk -> flatten -> MLP whose last linear layer has no
+All share one shape: [Sobel] -> conv trunk -> flatten -> MLP whose last linear layer has no
 ReLU (the clustered features). The MLP input size comes from a dry run of the trunk, so every
 network takes the shard set's channels and image size (a too small size is a ConfigError).
 """
@@ -20,9 +20,15 @@ LENET5 = [("conv", 6, 5, 1, 0), ("pool", 2, 2), ("conv", 16, 5, 1, 0), ("pool", 
 ALEXNET = [("conv", 96, 11, 4, 2), ("pool", 3, 2), ("conv", 256, 5, 1, 2), ("pool", 3, 2),
            ("conv", 384, 3, 1, 1), ("conv", 384, 3, 1, 1), ("conv", 256, 3, 1, 1), ("pool", 3, 2)]
 
-# The Deep Dive paper's SVHN/CIFAR10 AlexNet: about half the filters (48/126/192/192/128). The
-# 11x11/stride-4 first conv would leave nothing of a 32x32 image, so conv1 is 5x5/stride 1 and the
-# three 3x3/stride-2 max-pools bring 32 -> 15 -> 7 -> 3 (128*3*3 = 1152 inputs to the MLP).
+# The Deep Dive paper's SVHN/CIFAR10 network: AlexNet_Micro in the authors' deep_clustering_models.py
+# (AhmadM-DL/DeepClusterImplementation, branch `new`), layer for layer. At 32x32:
+# 32 -conv1-> 9 -pool-> 8 -conv2-> 7 -pool-> 6 -conv3-> 4 -conv4-> 3 -conv5-> 2 -pool-> 1, so the MLP
+# gets 128 inputs (their hard-coded `input_features=128`).
+ALEXNET_MICRO = [("conv", 48, 8, 3, 0), ("pool", 2, 1), ("conv", 126, 2, 1, 0), ("pool", 2, 1),
+                 ("conv", 192, 3, 1, 0), ("conv", 192, 2, 1, 0), ("conv", 128, 2, 1, 0), ("pool", 2, 1)]
+
+# Ours, not the paper's: the Deep Dive's filter counts (48/126/192/192/128) on an AlexNet-shaped trunk
+# with 5x5 conv1 and three 3x3/stride-2 max-pools, 32 -> 15 -> 7 -> 3 (128*3*3 = 1152 MLP inputs).
 ALEXNET_SMALL = [("conv", 48, 5, 1, 2), ("pool", 3, 2), ("conv", 126, 5, 1, 2), ("pool", 3, 2),
                  ("conv", 192, 3, 1, 1), ("conv", 192, 3, 1, 1), ("conv", 128, 3, 1, 1), ("pool", 3, 2)]
 
@@ -78,10 +84,23 @@ def alexnet(*, in_channels: int, image_size: int, sobel: bool = False, batch_nor
                      image_size=image_size, sobel=sobel, num_classes=num_classes)
 
 
+def alexnet_micro(*, in_channels: int, image_size: int, sobel: bool = False, batch_norm: bool = True,
+                  num_classes: int = 10) -> DeepClusterNet:
+    """The Deep Dive paper's AlexNet for 32x32 SVHN/CIFAR10 (the authors' `AlexNet_Micro`): conv
+    48@8x8/3, pool 2/1, conv 126@2x2, pool 2/1, conv 192@3x3, conv 192@2x2, conv 128@2x2, pool 2/1 (no
+    padding; batch norm after every conv), then dropout, fc 1024, ReLU, dropout, fc 1024. Features: the
+    last fc without ReLU (1024-d). 1,677,578 parameters at 32x32 with Sobel (2 input channels)."""
+    trunk, probes = conv_stack(ALEXNET_MICRO, 2 if sobel else in_channels, batch_norm)
+    return _assemble("alexnet_micro", trunk, probes, [1024, 1024], dropout=True, in_channels=in_channels,
+                     image_size=image_size, sobel=sobel, num_classes=num_classes)
+
+
 def alexnet_small(*, in_channels: int, image_size: int, sobel: bool = False, batch_norm: bool = True,
                   num_classes: int = 10) -> DeepClusterNet:
-    """The Deep Dive paper's AlexNet for 32x32 SVHN/CIFAR10: conv 48/126/192/192/128, classifier
-    2048-2048 with dropout (half of AlexNet's widths). Features: fc7 without ReLU (2048-d)."""
+    """Ours, not the paper's (the paper's network is `alexnet_micro`): an AlexNet-shaped trunk for 32x32
+    inputs with the Deep Dive's filter counts, conv 48@5x5/126@5x5/192/192/128@3x3 (padded) and three
+    3x3/stride-2 max-pools, classifier 2048-2048 with dropout. Features: fc7 without ReLU (2048-d);
+    7.48M parameters at 32x32 with Sobel."""
     trunk, probes = conv_stack(ALEXNET_SMALL, 2 if sobel else in_channels, batch_norm)
     return _assemble("alexnet_small", trunk, probes, [2048, 2048], dropout=True, in_channels=in_channels,
                      image_size=image_size, sobel=sobel, num_classes=num_classes)

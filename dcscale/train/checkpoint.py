@@ -267,3 +267,9 @@ def _first_line(err: Exception) -> str:
     text = str(err).strip()
     line = text.splitlines()[0] if text else type(err).__name__
     return line.split(". ")[0]
+
+
+def load_error(err: Exception) -> str:
+    """The telling line of a load_state_dict error (its first line only names the model)."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    return lines[1] if len(lines) > 1 else (lines[0] if lines else type(err).__name__)

@@ -1,9 +1,14 @@
-"""Per-cycle logging by rank 0: metrics.jsonl, TensorBoard events, one console line per cycle."""
+"""Logging by rank 0: metrics.jsonl, TensorBoard events (scalars, histograms, images), one console
+line per cycle, and the progress of long phases (a bar on a terminal, periodic lines in a log file)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +16,10 @@ import numpy as np
 from dcscale.errors import DcscaleError
 
 PHASES = ("extract", "pca", "kmeans", "assign", "train")
+PROGRESS_ENV = "DCSCALE_PROGRESS_S"  # seconds between progress lines in logs (0: every 10%)
+DEFAULT_PROGRESS_S = 60.0
+
+log = logging.getLogger("dcscale")
 
 
 def _clean(value):
@@ -50,7 +59,14 @@ class MetricsLogger:
         tmp.write_text("".join(f"{line}\n" for line in kept))
         tmp.replace(self.path)
 
-    def log_cycle(self, metrics: dict, cluster_sizes: np.ndarray | None = None) -> None:
+    def log_cycle(self, metrics: dict, cluster_sizes: np.ndarray | None = None, draw_images=None) -> None:
+        """One cycle's row and scalars; `draw_images()` ({tag: uint8 [H, W, 3]}) is drawn and written
+        first, so that its cost, t_images, is in the row."""
+        if draw_images is not None:
+            start = time.perf_counter()
+            for tag, image in draw_images().items():
+                self.add_image(tag, image, metrics["cycle"])
+            metrics["t_images"] = time.perf_counter() - start
         row = {k: _clean(v) for k, v in metrics.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -62,6 +78,17 @@ class MetricsLogger:
         if cluster_sizes is not None and len(cluster_sizes):
             self.tb.add_histogram("cluster/sizes", cluster_sizes, cycle)
         self.tb.flush()
+
+    def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """uint8 [H, W] (grey) or [H, W, 3] as a TensorBoard image. Encoded here: SummaryWriter.add_image
+        goes through float32, colour and PNG level 6, 2-3x slower for the same picture."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        from dcscale.train.images import png_bytes
+
+        encoded = Summary.Image(height=image.shape[0], width=image.shape[1], colorspace=3 if image.ndim == 3 else 1,
+                                encoded_image_string=png_bytes(image))
+        self.tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=encoded)]), step)
 
     def close(self) -> None:
         self.tb.close()
@@ -108,3 +135,109 @@ def console_line(m: dict) -> str:
             f"(extract {m['t_extract']:.1f} pca {m['t_pca']:.1f} kmeans {m['t_kmeans']:.1f} "
             f"assign {m['t_assign']:.1f} train {m['t_train']:.1f}){knn}")
 
+
+
+def progress_interval() -> float:
+    """Seconds between progress lines in logs, from $DCSCALE_PROGRESS_S (default 60)."""
+    raw = os.environ.get(PROGRESS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_PROGRESS_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise DcscaleError(f"{PROGRESS_ENV}={raw!r}: expected seconds >= 0 between progress lines (0: every 10%)")
+    return value
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Progress:
+    """The progress of one long phase, shown by rank 0 only (`enabled`).
+
+    On a terminal: a tqdm bar with rate and time left, gone when the phase ends. In a log file (SLURM,
+    a pipe): one line at every tenth of the phase and at least every $DCSCALE_PROGRESS_S seconds, from
+    that many seconds into the phase on (phases shorter than that print nothing), then a last line.
+    `update(n, **values)` counts n more units done; values (e.g. objective=...) are shown with it.
+    """
+
+    def __init__(self, desc: str, total: int | None, unit: str, enabled: bool = True):
+        self.desc, self.total, self.unit = desc, total, unit
+        self.done, self.values = 0, {}
+        self.bar, self.lines = None, 0
+        self.enabled = enabled
+        if not enabled:
+            return
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=f" {unit}", leave=False, dynamic_ncols=True)
+            return
+        self.every = progress_interval()
+        self.start = self.last = time.perf_counter()
+        self.tenth = 0  # the last tenth of the total a line was printed for
+
+    def update(self, n: int = 1, **values) -> None:
+        if not self.enabled:
+            return
+        self.done += n
+        self.values.update(values)
+        if self.bar is not None:
+            if values:
+                self.bar.set_postfix({k: f"{v:.6g}" for k, v in values.items()}, refresh=False)
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if now - self.start < self.every or (self.total and self.done >= self.total):
+            return  # a short phase prints nothing; the end has its own line
+        tenth = 10 * self.done // self.total if self.total else self.tenth
+        if tenth > self.tenth or (self.every > 0 and now - self.last >= self.every):
+            self.tenth = tenth
+            self._line(now)
+
+    def _line(self, now: float, final: bool = False) -> None:
+        elapsed = now - self.start
+        rate = self.done / elapsed if elapsed > 0 else float("inf")
+        where = f"{self.done}/{self.total} {self.unit}" if self.total else f"{self.done} {self.unit}"
+        if final:
+            text = f"{self.desc}: done, {where} in {_clock(elapsed)}, {rate:,.1f} {self.unit}/s"
+        else:
+            share = f"{100 * self.done // self.total}% " if self.total else ""
+            left = f", ~{_clock((self.total - self.done) / rate)} left" if self.total and rate > 0 else ""
+            text = f"{self.desc}: {share}({where}), {rate:,.1f} {self.unit}/s, {_clock(elapsed)} elapsed{left}"
+        values = "".join(f", {k} {v:.6g}" for k, v in self.values.items())
+        log.info("%s%s", text, values)
+        self.last, self.lines = now, self.lines + 1
+
+    def close(self, finished: bool = True) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        elif self.lines and finished:  # a phase that printed progress says when it ended
+            self._line(time.perf_counter(), final=True)
+        self.enabled = False
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, error_type, *_) -> None:
+        self.close(finished=error_type is None)
+
+
+def progress(iterable, total: int | None, desc: str, enabled: bool, unit: str = "batches"):
+    """`iterable`, counted as a Progress (one unit per item) when enabled."""
+    if not enabled:
+        return iterable
+    return _counted(iterable, Progress(desc, total, unit))
+
+
+def _counted(iterable, bar: Progress):
+    with bar:
+        for item in iterable:
+            yield item
+            bar.update(1)

@@ -25,17 +25,21 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dcscale import dist
 from dcscale.cluster.kmeans import cycle_seed, kmeans_memory_bytes, physical_memory_bytes
-from dcscale.cluster.metrics import cluster_stats, nmi
+from dcscale.cluster.metrics import cluster_stats, nmi_scores
 from dcscale.config import Config, config_to_dict
 from dcscale.data.loaders import SeededDraws
 from dcscale.data.sampler import UniformClusterSampler
 from dcscale.data.shardset import ShardSet
 from dcscale.data.transforms import eval_transform, train_transform
 from dcscale.errors import DcscaleError
+from dcscale.memory import release_freed_memory
 from dcscale.models import build_model_from_config
 from dcscale.train import phases
 from dcscale.train.checkpoint import (FORMAT, atomic_write, find_resume_checkpoint, in_run_dir, load_checkpoint,
-                                     newest_checkpoint, reset_timeline, save_checkpoint, write_failure)
+                                     load_error, newest_checkpoint, reset_timeline, save_checkpoint, write_failure)
+from dcscale.train.compute import Compute, check_platform, grad_scaler, prepare_model
+from dcscale.train.images import (MONTAGE_PER_ROW, cluster_record, cycle_images, montage_clusters, montage_due,
+                                  write_record)
 from dcscale.train.logging import MetricsLogger, console_line
 from dcscale.train.rundir import check_same_run, claim_run_dir, decided_by_main, release_run_dir, write_run_config
 
@@ -60,6 +64,7 @@ class RunState:
     cycle_metrics: dict = field(default_factory=dict)  # filled as the cycle's phases run
     totals: dict = field(default_factory=zero_totals)
     skipped_images: int = 0
+    grad_scaler: torch.amp.GradScaler | None = None  # fp16's loss scaling (its state: the scale, its growth count)
 
 
 def summed_totals(totals: dict) -> dict:
@@ -70,6 +75,7 @@ def summed_totals(totals: dict) -> dict:
 
 def train(cfg: Config) -> dict:
     env = dist.init_distributed(cfg.dist.backend, cfg.dist.timeout_min, cfg.cluster.wait_timeout_min)
+    check_platform(cfg, env.device, env.distributed)  # e.g. fp16 on a CPU: one line, before any work
     run_dir = Path(cfg.output.dir)
     shards = ShardSet(cfg.data.train)
     channels, image_size = input_shape(shards, cfg)
@@ -78,10 +84,12 @@ def train(cfg: Config) -> dict:
     knn_queries = monitor_shards(cfg)  # opened (and checked) now, not at the first k-NN cycle
     eval_tf = eval_transform(image_size, channels, resize=cfg.data.resize, mean=cfg.data.mean, std=cfg.data.std)
     train_tf = train_transform(image_size, channels, cfg.train.augment, cfg.train.crop_scale_min,
-                               cfg.train.hflip, mean=cfg.data.mean, std=cfg.data.std)
+                               cfg.train.hflip, mean=cfg.data.mean, std=cfg.data.std,
+                               per_batch=cfg.train.augment_per_batch)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and at every world size
     model = build_model_from_config(cfg, in_channels=channels, image_size=image_size).to(env.device)
+    prepare_model(model, cfg, env.distributed)  # SyncBatchNorm, channels_last, compile (in place)
     check_clusterable(cfg, model, shards)
     if cfg.model.init:
         load_initial_weights(model, cfg.model.init)
@@ -92,7 +100,7 @@ def train(cfg: Config) -> dict:
     # Rank 0 locks the run directory and picks the checkpoint to resume from; every rank learns which,
     # or rank 0's one-line reason to stop.
     resume_path, ckpt = decided_by_main(lambda: claim_and_find(cfg.resume, run_dir))
-    state, changes = RunState(), []
+    state, changes = RunState(grad_scaler=grad_scaler(cfg.train.precision, env.device)), []
     if resume_path is not None:
         resume_path = Path(resume_path)
         ckpt = ckpt if env.is_main else load_checkpoint(resume_path)
@@ -115,12 +123,18 @@ def train(cfg: Config) -> dict:
         if not state.clustered_this_cycle:
             state.cycle_metrics = {"cycle": cycle, "clustered": clustering}
             if clustering:
-                new_labels, skipped, cluster_metrics = cluster_cycle(model, shards, eval_tf, env, cfg, cycle)
+                new_labels, skipped, cluster_metrics, montage = cluster_cycle(model, shards, eval_tf, env, cfg, cycle,
+                                                                              montage_due(cfg, cycle))
                 state.prev_labels, state.labels = (state.labels if env.is_main else None), new_labels
                 state.skipped_images = skipped
                 state.cycle_metrics.update(cluster_metrics)
-                written_by_main(run_dir, lambda: atomic_write(run_dir / "labels.npy",
-                                                              lambda f: np.save(f, state.labels)))
+
+                def save_labels():  # (rank 0) and what this cycle's montage (TensorBoard, `dcscale report`) shows
+                    atomic_write(run_dir / "labels.npy", lambda f: np.save(f, state.labels))
+                    if montage is not None:
+                        write_record(run_dir, cluster_record(cycle, *montage, state.labels, gt_labels, cfg.cluster.k))
+
+                written_by_main(run_dir, save_labels)
             else:
                 state.cycle_metrics.update({"t_extract": 0.0, "t_pca": 0.0, "t_kmeans": 0.0, "t_assign": 0.0,
                                             "objective": None})
@@ -136,13 +150,20 @@ def train(cfg: Config) -> dict:
         train_cycle(model, body_opt, head_opt, shards, train_tf, env, cfg, state, run_dir, (channels, image_size))
 
         metrics = finish_cycle_metrics(state)
+        knn_confusion = None
         if knn_queries is not None and (cycle + 1) % cfg.eval.knn_every == 0:
-            from dcscale.eval.knn import knn_monitor
+            from dcscale.eval.knn import knn_evaluate
 
-            metrics["knn_top1"] = knn_monitor(model, shards, knn_queries, eval_tf, env, cfg)
+            knn = knn_evaluate(model, shards, knn_queries, eval_tf, env, cfg)
+            metrics["knn_top1"], knn_confusion = knn.top1, knn.confusion
         history.append(metrics)
         sizes = cluster_stats(state.labels, cfg.cluster.k)["sizes"]
-        written_by_main(run_dir, lambda: logger.log_cycle(metrics, sizes))
+
+        def draw_images():  # (rank 0) this cycle's TensorBoard images
+            return cycle_images(cfg, cycle, metrics, model, shards, run_dir, state.labels, gt_labels, knn_confusion)
+
+        drawn = draw_images if cfg.output.images_every is not None else None
+        written_by_main(run_dir, lambda: logger.log_cycle(metrics, sizes, drawn))
         if env.is_main:
             print(console_line(metrics), flush=True)
         # The cycle is done: the next checkpoint position is the start of the next cycle.
@@ -266,25 +287,37 @@ def input_shape(shards: ShardSet, cfg: Config) -> tuple[int, int]:
     return channels, image_size
 
 
-def cluster_cycle(model, shards, eval_tf, env, cfg: Config, cycle: int) -> tuple[np.ndarray, int, dict]:
-    """Extract -> reduce -> cluster -> assign. Returns (labels [N], skipped image count, metrics)."""
+def cluster_cycle(model, shards, eval_tf, env, cfg: Config, cycle: int,
+                  montage: bool = False) -> tuple[np.ndarray, int, dict, tuple | None]:
+    """Extract -> reduce -> cluster -> assign. Returns (labels [N], skipped image count, metrics, and
+    with `montage` (the montage's (cluster, role) rows, on rank 0 their images nearest to the centroids))."""
     seed = cycle_seed(cfg.seed, cycle)
     n_total = len(shards)
     model.eval()
     t0 = time.perf_counter()
     indices, feats, skipped = phases.extract_features(model.features, shards, eval_tf, env,
                                                       cfg.data.extract_batch_size, cfg.data.workers,
-                                                      cfg.cluster.feature_dtype, model.feature_dim)
-    t1 = time.perf_counter()
+                                                      cfg.cluster.feature_dtype, model.feature_dim,
+                                                      Compute.from_config(cfg, env.device))
     n_skipped = int(dist.all_reduce_sum([len(skipped)])[0])
+    t1 = time.perf_counter()  # after a collective: extraction ends when the slowest rank's does
     check_decodable(cfg, shards, n_total - n_skipped)
     z, _ = phases.reduce_features(indices, feats, n_total, cfg.cluster.pca_dim, cfg.cluster.pca_sample, seed)
     del feats  # the only reference: the raw features are gone before k-means
+    release_freed_memory()
     t2 = time.perf_counter()
     centroids, _ = phases.cluster_rows(indices, z, n_total, cfg.cluster.k, cfg.cluster.niter,
                                        cfg.cluster.max_points_per_centroid, cfg.cluster.max_train_rows, seed)
+    release_freed_memory()
     t3 = time.perf_counter()
-    labels, objective = phases.assign_labels(indices, z, centroids, n_total)
+    local_labels, sq_dist = phases.assign_rows(z, centroids)
+    labels, objective = phases.share_labels(indices, local_labels, sq_dist, n_total)
+    rows = None
+    if montage:  # its images, from the distances just computed: each rank's nearest few per shown cluster
+        shown = montage_clusters(cluster_stats(labels, cfg.cluster.k)["sizes"], cfg.seed)
+        rows = shown, phases.nearest_rows(indices, local_labels, sq_dist, [c for c, _ in shown], MONTAGE_PER_ROW)
+    del z, indices, local_labels, sq_dist
+    release_freed_memory()  # training starts from the labels alone
     t4 = time.perf_counter()
     if n_skipped and env.is_main:
         log.warning("cycle %d: %d undecodable image(s) skipped (label -1, never drawn)", cycle, n_skipped)
@@ -293,17 +326,19 @@ def cluster_cycle(model, shards, eval_tf, env, cfg: Config, cycle: int) -> tuple
         "objective": objective,
         "t_extract": t1 - t0, "t_pca": t2 - t1, "t_kmeans": t3 - t2, "t_assign": t4 - t3,
         "ips_extract": n_total / max(t1 - t0, 1e-9),
-    }
+    }, rows
 
 
 def label_metrics(state: RunState, gt_labels, k: int, clustered: bool) -> dict:
     stats = cluster_stats(state.labels, k)
-    nmi_prev = None
-    if clustered and state.prev_labels is not None:
-        nmi_prev = nmi(state.prev_labels, state.labels)
+    # NMI with arithmetic normalisation (scikit-learn's default, the Deep Dive's) and, under
+    # *_geometric, with the geometric one the original DeepCluster reported (sklearn <= 0.20).
+    none = {"arithmetic": None, "geometric": None}
+    prev = nmi_scores(state.prev_labels, state.labels) if clustered and state.prev_labels is not None else none
+    gt = nmi_scores(gt_labels, state.labels) if gt_labels is not None else none
     return {
-        "nmi_prev": nmi_prev,
-        "nmi_gt": nmi(gt_labels, state.labels) if gt_labels is not None else None,
+        "nmi_prev": prev["arithmetic"], "nmi_prev_geometric": prev["geometric"],
+        "nmi_gt": gt["arithmetic"], "nmi_gt_geometric": gt["geometric"],
         "empty_clusters": stats["empty"],
         "cluster_min": stats["min"], "cluster_median": stats["median"], "cluster_max": stats["max"],
         "skipped_images": state.skipped_images,
@@ -312,7 +347,8 @@ def label_metrics(state: RunState, gt_labels, k: int, clustered: bool) -> dict:
 
 def new_head_optimizer(model, cfg: Config) -> torch.optim.Optimizer:
     # As in the original, the head gets a fresh optimizer every cycle; the body's momentum persists.
-    return torch.optim.SGD(model.head_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return torch.optim.SGD(model.head_parameters(), lr=cfg.train.lr, momentum=cfg.train.head_momentum,
+                           weight_decay=cfg.train.weight_decay)
 
 
 def train_cycle(model, body_opt, head_opt, shards, train_tf, env, cfg: Config, state: RunState, run_dir: Path,
@@ -338,7 +374,7 @@ def train_cycle(model, body_opt, head_opt, shards, train_tf, env, cfg: Config, s
         dataset.epoch = state.epoch
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=cfg.train.batch_size, sampler=WithPositions(sampler, start),
-            num_workers=cfg.data.workers, collate_fn=dataset.collate,
+            num_workers=cfg.data.workers, collate_fn=dataset.collate, pin_memory=env.device.type == "cuda",
             generator=torch.Generator().manual_seed(epoch_seed))
         if state.step == 0:
             torch.manual_seed(epoch_seed)  # dropout masks; restored from the checkpoint mid-epoch
@@ -353,7 +389,7 @@ def train_cycle(model, body_opt, head_opt, shards, train_tf, env, cfg: Config, s
 
         try:
             state.totals = phases.train_steps(ddp, loader, [body_opt, head_opt], env, state.step, on_step,
-                                              state.totals)
+                                              state.totals, Compute.from_config(cfg, env.device), state.grad_scaler)
         except phases.NonFiniteLoss as err:
             newest = newest_checkpoint(run_dir)
             left = f"the newest checkpoint, {newest}, was written before it" if newest else \
@@ -425,6 +461,7 @@ def checkpoint_state(model, body_opt, head_opt, state: RunState, cfg: Config, ch
         "labels": _tensor_or_none(state.labels), "prev_labels": _tensor_or_none(state.prev_labels),
         "cycle_metrics": plain_values(state.cycle_metrics), "totals": plain_values(state.totals),
         "skipped_images": int(state.skipped_images),
+        "grad_scaler": state.grad_scaler.state_dict() if state.grad_scaler is not None else None,
         "rng": torch.get_rng_state(),
         # dropout on a GPU draws from the device's generator; every rank's matches rank 0's (same
         # seed, same ops), so rank 0's state serves all
@@ -466,11 +503,14 @@ def restore(ckpt: dict, path: Path, model, body_opt, cfg: Config, n_images: int,
         torch.cuda.set_rng_state(ckpt["cuda_rng"], dist.get_env().device)
     dist_env = dist.get_env()
     totals = ckpt["totals"] if dist_env.is_main else zero_totals()
+    scaler = grad_scaler(cfg.train.precision, device)
+    if scaler is not None and ckpt.get("grad_scaler"):  # (empty or absent: written by an fp32/bf16 run)
+        scaler.load_state_dict(ckpt["grad_scaler"])
     state = RunState(cycle=ckpt["cycle"], epoch=ckpt["epoch"], step=ckpt["step"],
                      clustered_this_cycle=ckpt["clustered_this_cycle"], labels=_array_or_none(ckpt["labels"]),
                      prev_labels=_array_or_none(ckpt["prev_labels"]) if dist_env.is_main else None,
                      cycle_metrics=dict(ckpt["cycle_metrics"]),
-                     totals=dict(totals), skipped_images=ckpt.get("skipped_images", 0))
+                     totals=dict(totals), skipped_images=ckpt.get("skipped_images", 0), grad_scaler=scaler)
     return state, head_opt
 
 
@@ -529,12 +569,6 @@ def load_initial_weights(model, path: str) -> None:
     if unexpected or any(not k.startswith("head.") for k in missing):
         raise DcscaleError(f"model.init {path}: weights do not fit {type(model).__name__} "
                            f"(missing {len(missing)}, unexpected {len(unexpected)})")
-
-
-def load_error(err: Exception) -> str:
-    """The telling line of a load_state_dict error (its first line only names the model)."""
-    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-    return lines[1] if len(lines) > 1 else (lines[0] if lines else type(err).__name__)
 
 
 def print_summary(history: list[dict], run_dir: Path) -> None:

@@ -10,8 +10,6 @@ chunk by chunk into the (smaller) reduced rows.
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import torch
 
@@ -20,25 +18,21 @@ from dcscale.cluster.kmeans import assign, faiss_threads, train_kmeans, training
 from dcscale.cluster.pca import PCA, apply_pca, fit_pca
 from dcscale.data.loaders import extraction_loader
 from dcscale.data.partition import rank_range
-
-
-def _progress(iterable, total: int | None, desc: str, enabled: bool):
-    """A progress bar on rank 0 when attached to a terminal; plain iteration otherwise."""
-    if not enabled or not sys.stderr.isatty():
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+from dcscale.train.compute import Compute
+from dcscale.train.logging import Progress, progress
 
 
 @torch.no_grad()
 def extract_features(model_fn, shardset, transform, env: dist.DistEnv, batch_size: int, workers: int,
-                     dtype: str = "float32", feature_dim: int | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Run this rank's contiguous slice through `model_fn` (batch -> [B, D] features).
+                     dtype: str = "float32", feature_dim: int | None = None,
+                     compute: Compute | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Run this rank's contiguous slice through `model_fn` (batch -> [B, D] features), under
+    `compute`'s autocast and memory format (default: fp32).
 
     Returns (global indices int64 [n_r], features [n_r, D] in `dtype`, skipped global indices); the
     features of decoded images only, in index order.
     """
+    compute = compute or Compute(env.device)
     # The transform's float work (resize, crop, normalise) runs on env.device, on whole batches.
     loader = extraction_loader(shardset, transform, rank=env.rank, world_size=env.world_size,
                                batch_size=batch_size, num_workers=workers,
@@ -50,16 +44,20 @@ def extract_features(model_fn, shardset, transform, env: dist.DistEnv, batch_siz
     indices = np.empty(slice_rows, np.int64)
     feats = None  # allocated at the first batch, which tells the feature width
     filled = 0
-    for batch_indices, images in _progress(loader, len(loader), "extract", env.is_main):
-        if len(batch_indices) == 0:
-            continue
-        out = model_fn(images.to(env.device, non_blocking=True))
-        if feats is None:
-            feats = np.empty((slice_rows, out.shape[1]), np_dtype)
-        rows = slice(filled, filled + len(batch_indices))
-        indices[rows] = batch_indices.numpy()
-        torch.from_numpy(feats[rows]).copy_(out)  # to the host and to `dtype` in one copy
-        filled += len(batch_indices)
+    # rank 0's slice stands for every rank's (they are the same size)
+    with Progress("extract", slice_rows, "images", env.is_main) as shown:
+        for batch_indices, images in loader:
+            if len(batch_indices) == 0:
+                continue
+            with compute.autocast():
+                out = model_fn(compute.batch(images))
+            if feats is None:
+                feats = np.empty((slice_rows, out.shape[1]), np_dtype)
+            rows = slice(filled, filled + len(batch_indices))
+            indices[rows] = batch_indices.numpy()
+            torch.from_numpy(feats[rows]).copy_(out)  # to the host and to `dtype` (from bf16/fp16 too) in one copy
+            filled += len(batch_indices)
+            shown.update(len(batch_indices))
     skipped = list(getattr(loader, "skipped", []))
     if feats is None:
         # A rank with nothing decodable still takes part in the gathers, with rows of the right width.
@@ -115,8 +113,8 @@ def cluster_rows(indices: np.ndarray, z: np.ndarray, n_total: int, k: int, niter
     train_rows = dist.gather_rows_to_main(np.ascontiguousarray(local, dtype=np.float32))
     del local
     if dist.is_main():
-        with faiss_threads(usable_cores()):
-            result = train_kmeans(train_rows, k, niter, seed)
+        with faiss_threads(usable_cores()), Progress("k-means", niter, "iterations") as shown:
+            result = train_kmeans(train_rows, k, niter, seed, on_iteration=lambda obj: shown.update(1, objective=obj))
         centroids, objective = result.centroids, float(result.objective)
     else:
         centroids, objective = None, None
@@ -134,7 +132,23 @@ def assign_threads() -> int:
 
 
 def assign_labels(indices: np.ndarray, z: np.ndarray, centroids: np.ndarray, n_total: int) -> tuple[np.ndarray, float]:
-    """Nearest centroid for this rank's rows, then the full N-long int32 label array on every rank.
+    """Nearest centroid for this rank's rows, then the full N-long int32 label array on every rank
+    (assign_rows, then share_labels)."""
+    local_labels, sq_dist = assign_rows(z, centroids)
+    return share_labels(indices, local_labels, sq_dist, n_total)
+
+
+def assign_rows(z: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's rows' nearest centroids and squared distances to them (no communication)."""
+    env = dist.get_env()
+    device = env.device.index if env.device.type == "cuda" else None
+    with faiss_threads(assign_threads()):
+        return assign(np.ascontiguousarray(z, dtype=np.float32), centroids, device=device)
+
+
+def share_labels(indices: np.ndarray, local_labels: np.ndarray, sq_dist: np.ndarray,
+                 n_total: int) -> tuple[np.ndarray, float]:
+    """The full N-long int32 label array on every rank, from every rank's assigned rows.
 
     Each rank owns the contiguous slice rank_range(N, W, r), so only its int32 labels travel (N x 4
     bytes in all). Samples that could not be decoded keep label -1 and are never drawn for training.
@@ -142,9 +156,6 @@ def assign_labels(indices: np.ndarray, z: np.ndarray, centroids: np.ndarray, n_t
     unlike faiss's training objective, compares across cycles and across exact vs subsampled training.
     """
     env = dist.get_env()
-    device = env.device.index if env.device.type == "cuda" else None
-    with faiss_threads(assign_threads()):
-        local_labels, sq_dist = assign(np.ascontiguousarray(z, dtype=np.float32), centroids, device=device)
     mine = rank_range(n_total, env.world_size, env.rank)
     slice_labels = np.full(len(mine), -1, dtype=np.int32)
     slice_labels[indices - mine.start] = local_labels
@@ -153,31 +164,72 @@ def assign_labels(indices: np.ndarray, z: np.ndarray, centroids: np.ndarray, n_t
     return labels, dist_sum / max(rows, 1)
 
 
+def nearest_rows(indices: np.ndarray, local_labels: np.ndarray, sq_dist: np.ndarray, clusters,
+                 per_cluster: int) -> dict[int, list[int]] | None:
+    """{cluster: the global indices of its `per_cluster` rows nearest to its centroid, nearest first}
+    for the given clusters, on rank 0 (None elsewhere); ties go to the lower index.
+
+    From the assignment's distances: no pass over the data. Each rank sends only its own nearest
+    few per cluster, so len(clusters) x per_cluster x W rows travel, whatever N.
+    """
+    wanted = np.flatnonzero(np.isin(local_labels, np.asarray(list(clusters), dtype=np.int64)))
+    mine = _nearest_first(local_labels[wanted], sq_dist[wanted].astype(np.float64), indices[wanted], per_cluster)
+    gathered = dist.gather_rows_to_main(mine)
+    if gathered is None:
+        return None
+    best = _nearest_first(gathered[:, 0].astype(np.int64), gathered[:, 1], gathered[:, 2].astype(np.int64),
+                          per_cluster)
+    out: dict[int, list[int]] = {int(c): [] for c in clusters}
+    for cluster, _, index in best:
+        out[int(cluster)].append(int(index))
+    return out
+
+
+def _nearest_first(clusters: np.ndarray, sq_dist: np.ndarray, indices: np.ndarray, per_cluster: int) -> np.ndarray:
+    """Rows [cluster, squared distance, global index] (float64: indices stay exact up to 2^53), the
+    `per_cluster` nearest of each cluster, ordered by (cluster, distance, index)."""
+    order = np.lexsort((indices, sq_dist, clusters))
+    clusters, sq_dist, indices = clusters[order], sq_dist[order], indices[order]
+    place = np.arange(len(clusters)) - np.searchsorted(clusters, clusters)  # rank within its cluster
+    keep = place < per_cluster
+    return np.stack([clusters[keep], sq_dist[keep], indices[keep]], axis=1).astype(np.float64)
+
+
 def train_steps(ddp_model, loader, optimizers, env: dist.DistEnv, start_step: int, on_step,
-                totals: dict) -> dict:
-    """SGD over the uniform-cluster batches from `start_step` on.
+                totals: dict, compute: Compute | None = None, scaler: torch.amp.GradScaler | None = None) -> dict:
+    """SGD over the uniform-cluster batches from `start_step` on, forwards under `compute`'s autocast
+    and memory format (default: fp32); with a `scaler` (fp16) the loss is scaled for the backward pass
+    and steps whose gradients overflow are skipped (the scaler then lowers its scale).
 
     `on_step(step, totals)` runs after every step (checkpointing, logging). Stops the run if the loss
     is NaN or infinite on any rank. Returns this rank's running totals (loss sum, correct, seen),
     continued from `totals`.
     """
+    compute = compute or Compute(env.device)
     criterion = torch.nn.CrossEntropyLoss()
     ddp_model.train()
     totals = dict(totals)
     step = start_step
     # Undecodable images never reach here: extraction gave them label -1 and the sampler skips -1.
-    for batch in _progress(loader, len(loader), "train", env.is_main):
-        images = batch.images.to(env.device, non_blocking=True)
+    for batch in progress(loader, len(loader), "train", env.is_main, unit="steps"):
+        images = compute.batch(batch.images)
         targets = batch.labels.to(env.device, non_blocking=True)
-        logits = ddp_model(images)
-        loss = criterion(logits, targets)
+        with compute.autocast():
+            logits = ddp_model(images)
+        loss = criterion(logits.float(), targets)  # (the loss in fp32 whatever the precision)
         if dist.any_rank(not torch.isfinite(loss).item()):
             raise NonFiniteLoss(step)
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
+        if scaler is None:
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+        else:
+            scaler.scale(loss).backward()
+            for opt in optimizers:
+                scaler.step(opt)
+            scaler.update()
         totals["loss_sum"] += float(loss.item()) * len(targets)
         totals["correct"] += int((logits.argmax(1) == targets).sum().item())
         totals["seen"] += len(targets)
