@@ -30,7 +30,8 @@ def test_tiny_reproduction_writes_every_number_figure_and_table(tmp_path):
 
     r = json.loads((out / "deep_dive.json").read_text())
     assert r["dataset"] == "digits" and r["n_train"] == 1437 and r["n_test"] == 360 and r["cycles"] == 2
-    assert r["probe"]["protocol"] in ("deepdive", "fast") and r["probe"]["layer"] == "conv2"
+    assert r["probe"]["protocol"] == "deepdive" and r["probe"]["layer"] == "conv2"
+    assert r["probe"]["settings"]["epochs"] == 1  # --tiny's; the full run keeps the protocol's 20
     # 1. IA over random initialisations, at the authors' K
     assert r["ia_distribution"]["k"] == 9 and r["ia_distribution"]["seeds"] == [0, 1, 2]
     assert all(0 < v < 1 for v in r["ia_distribution"]["ia"])

@@ -140,6 +140,28 @@ def test_nan_loss_stops_with_a_clear_message(digits_train_shards, tmp_path):
         assert "Traceback" not in proc.stderr
 
 
+def test_nan_features_stop_before_clustering(digits_train_shards, tmp_path):
+    """Weights that make the features infinite (as an fp16 overflow would) stop the run at extraction
+    with one line, instead of a PCA and k-means of NaNs."""
+    import torch
+
+    from dcscale.models import build_model
+    from dcscale.train.checkpoint import write_checkpoint_file
+
+    cfg = load_config(Path(__file__).parent / "train_test.yaml", _overrides(digits_train_shards, tmp_path / "x"))
+    model = build_model(cfg.model.arch, in_channels=1, image_size=cfg.data.image_size, num_classes=cfg.cluster.k)
+    weights = model.state_dict()
+    first_conv = next(k for k, v in weights.items() if k.startswith("body.") and v.dim() == 4)
+    weights[first_conv] = torch.full_like(weights[first_conv], float("inf"))
+    write_checkpoint_file({"model": weights}, tmp_path / "inf_init.pt")
+    proc = run_train(1, _overrides(digits_train_shards, tmp_path / "run", **{"model.init": tmp_path / "inf_init.pt"}))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "cycle 0:" in last and "NaN or infinite features at extraction" in last
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "labels.npy").exists()
+
+
 def test_bad_config_fails_before_any_work(digits_train_shards, tmp_path):
     proc = run_train(1, _overrides(digits_train_shards, tmp_path / "bad", **{"cluster.kk": 3}))
     assert proc.returncode == 2

@@ -18,7 +18,7 @@ authors' MNIST setting (configs/paper/mnist_lenet5.yaml).
    seed) against that seed's final probe accuracy.
 
 Probes use `dcscale probe --protocol deepdive` (the authors' linear_probe.py: conv2 of LeNet, 20
-epochs) where dcscale has it, else the default protocol on conv2; the JSON records which. Everything
+epochs); the JSON records the protocol and its settings. Everything
 lands in OUT (default runs/deep_dive/MODE/DATASET): deep_dive.json (every number), deep_dive.md (the
 tables), *.png (the figures), the IA and sweep directories. A step whose output is already in OUT is
 not run again (an interrupted run continues): remove OUT to measure afresh. With --readme, each block
@@ -82,16 +82,15 @@ SIZES = {
 # ---- running dcscale and the sweep tool in this process --------------------------------------------
 
 class Steps:
-    """Runs the steps (one whose output `done` exists is skipped; a sweep skips its own finished runs)
-    and adds up every step's wall time in OUT/timings.json, so the total stays right when an interrupted
-    run is continued."""
+    """Runs the steps not done yet (their output exists) and adds up every step's wall time in
+    OUT/timings.json, so the total stays right when an interrupted run is continued."""
 
     def __init__(self, out: Path):
         self.path = out / "timings.json"
         self.times = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
-    def run(self, name: str, done: Path | None, fn) -> None:
-        if done is not None and done.exists():
+    def run(self, name: str, done: bool, fn) -> None:
+        if done:
             return
         print(f"deep_dive: {name}", flush=True)
         loads, stop = [os.getloadavg()[0]], threading.Event()
@@ -145,26 +144,20 @@ def run_sweep(config: Path, grid: dict[str, list], fixed: list[str], out: Path) 
         raise SystemExit(f"deep_dive: error: a training run of the sweep in {out} failed (see its sweep.log)")
 
 
-def probe_protocol() -> str:
-    """The authors' probe where this dcscale has it, else the default."""
-    from dcscale.eval import probe
-
-    return "deepdive" if "deepdive" in getattr(probe, "PROTOCOLS", ()) else "fast"
-
-
-def probe_args(protocol: str, sizes: Sizes) -> list[str]:
-    args = ["--protocol", protocol, "--layer", "conv2"] if protocol != "fast" else ["--layer", "conv2"]
-    return args + (["--epochs", str(sizes.probe_epochs)] if sizes.probe_epochs else [])
+def probe_args(sizes: Sizes) -> list[str]:
+    """The authors' probe (their linear_probe.py) on LeNet's conv2, as their MNIST jobs ran it."""
+    epochs = ["--epochs", str(sizes.probe_epochs)] if sizes.probe_epochs else []
+    return ["--protocol", "deepdive", "--layer", "conv2", *epochs]
 
 
 # ---- one run's numbers --------------------------------------------------------------------------------
 
-def run_row(point: dict) -> dict:
+def run_row(point: sweep.Point) -> dict:
     """A trained and probed run: its grid values, IA (cycle-0 NMI with the labels), final NMI, probe
     top-1 on conv2, times."""
-    base = sweep.collect_point(sweep.Point(point["values"], point["run_dir"]))
-    metrics = read_metrics(point["run_dir"])
-    return {"values": dict(point["values"]), "run_dir": str(point["run_dir"]),
+    base = sweep.collect_point(point)
+    metrics = read_metrics(point.run_dir)
+    return {"values": dict(point.values), "run_dir": str(point.run_dir),
             "status": base["status"], "cycles": base["cycles"],
             "clustering_cycles": sum(1 for m in metrics if m.get("clustered", True)),
             "ia": metrics[0]["nmi_gt"], "final_nmi_gt": metrics[-1]["nmi_gt"],
@@ -196,7 +189,7 @@ def analyse(args, sizes: Sizes, out: Path, steps: Steps) -> dict:
     config = Path(args.config).resolve()
     data = Path(args.data).resolve() if args.data else out / "data"
     for split in ("train", "test"):
-        steps.run(f"shards {split}", data / split / "manifest.json",
+        steps.run(f"shards {split}", (data / split / "manifest.json").is_file(),
                   lambda split=split: dcscale(["shards", args.dataset, "--split", split, "--out", str(data / split)],
                                               out / "logs" / "shards.log"))
     common = [f"data.train={data / 'train'}", f"data.test={data / 'test'}", *DATASET_OVERRIDES[args.dataset],
@@ -204,47 +197,51 @@ def analyse(args, sizes: Sizes, out: Path, steps: Steps) -> dict:
     cfg = load_config(config, common)
     k0 = cfg.cluster.k
     ks = sorted({*sizes.ks, k0})
-    protocol = probe_protocol()
 
     # 1. and 2. (IA part): dcscale ia
     ia_dist, ia_k = out / "ia_distribution", out / "ia_k"
-    steps.run("ia distribution", ia_dist / "ia.json", lambda: dcscale(
+    steps.run("ia distribution", (ia_dist / "ia.json").is_file(), lambda: dcscale(
         ["ia", "--config", str(config), "--vary", f"cluster.k={IA_DIST_K}", "--seeds", str(sizes.dist_seeds),
          "--out", str(ia_dist), *common], out / "logs" / "ia.log"))
-    steps.run("ia versus K", ia_k / "ia.json", lambda: dcscale(
+    steps.run("ia versus K", (ia_k / "ia.json").is_file(), lambda: dcscale(
         ["ia", "--config", str(config), "--vary", f"cluster.k={','.join(map(str, ks))}",
          "--seeds", str(sizes.k_ia_seeds), "--out", str(ia_k), *common], out / "logs" / "ia.log"))
 
-    # training runs: K x seeds and the seeds of 5. share one sweep directory (same grid keys, same runs)
+    # training runs, as tools/sweep.py names them: K x seeds and the seeds of 5. share one sweep
+    # directory (same grid keys, so the same runs); halt and PCA vary the reference run (K0, first seed)
+    def point(directory: Path, values: dict) -> sweep.Point:
+        return sweep.Point(values, directory / "runs" / sweep.run_name(values))
+
+    def finished(points: list[sweep.Point]) -> bool:
+        return all(sweep.is_done(p) for p in points)
+
     train = out / "train"
-    steps.run("train versus K", None, lambda: run_sweep(
-        config, {"cluster.k": ks, "seed": list(sizes.k_train_seeds)}, common, train))
-    steps.run("train seeds", None, lambda: run_sweep(
-        config, {"cluster.k": [k0], "seed": list(sizes.seeds)}, common, train))
     reference_seed = sizes.seeds[0]
-    fixed = [*common, f"cluster.k={k0}", f"seed={reference_seed}"]
-    steps.run("train halt", None, lambda: run_sweep(
-        config, {"cluster.halt_after": list(sizes.halts)}, fixed, out / "halt"))
-    steps.run("train pca", None, lambda: run_sweep(config, {"cluster.pca_dim": list(sizes.pcas)}, fixed, out / "pca"))
-
-    def point(directory: Path, values: dict) -> dict:
-        return {"values": values, "run_dir": directory / "runs" / sweep.run_name(values)}
-
     k_runs = [point(train, {"cluster.k": k, "seed": s}) for k in ks for s in sizes.k_train_seeds]
     seed_runs = [point(train, {"cluster.k": k0, "seed": s}) for s in sizes.seeds]
     reference = point(train, {"cluster.k": k0, "seed": reference_seed})
     halt_runs = [point(out / "halt", {"cluster.halt_after": h}) for h in sizes.halts]
     pca_runs = [point(out / "pca", {"cluster.pca_dim": d}) for d in sizes.pcas]
+    fixed = [*common, f"cluster.k={k0}", f"seed={reference_seed}"]
+    steps.run("train versus K", finished(k_runs), lambda: run_sweep(
+        config, {"cluster.k": ks, "seed": list(sizes.k_train_seeds)}, common, train))
+    steps.run("train seeds", finished(seed_runs), lambda: run_sweep(
+        config, {"cluster.k": [k0], "seed": list(sizes.seeds)}, common, train))
+    steps.run("train halt", finished(halt_runs), lambda: run_sweep(
+        config, {"cluster.halt_after": list(sizes.halts)}, fixed, out / "halt"))
+    steps.run("train pca", finished(pca_runs), lambda: run_sweep(
+        config, {"cluster.pca_dim": list(sizes.pcas)}, fixed, out / "pca"))
 
     # probes: every run's last checkpoint, and the untrained network
-    extra = probe_args(protocol, sizes)
-    for run in {str(p["run_dir"]): p for p in [*k_runs, *seed_runs, *halt_runs, *pca_runs]}.values():
-        json_path = run["run_dir"] / "probe.json"
-        steps.run(f"probe {run['run_dir'].relative_to(out)}", json_path, lambda run=run, json_path=json_path: dcscale(
-            ["probe", "--checkpoint", str(run["run_dir"] / "checkpoints" / "last.pt"), "--train", str(data / "train"),
-             "--test", str(data / "test"), "--json", str(json_path), *extra], out / "logs" / "probe.log"))
+    extra = probe_args(sizes)
+    for run in {p.run_dir: p for p in [*k_runs, *seed_runs, *halt_runs, *pca_runs]}.values():
+        json_path = run.run_dir / "probe.json"
+        command = ["probe", "--checkpoint", str(run.run_dir / "checkpoints" / "last.pt"), "--train",
+                   str(data / "train"), "--test", str(data / "test"), "--json", str(json_path), *extra]
+        steps.run(f"probe {run.run_dir.relative_to(out)}", json_path.is_file(),
+                  lambda command=command: dcscale(command, out / "logs" / "probe.log"))
     random_json = out / "probe_random_init.json"
-    steps.run("probe random init", random_json, lambda: dcscale(
+    steps.run("probe random init", random_json.is_file(), lambda: dcscale(
         ["probe", "--random-init", "--config", str(config), "--seed", str(reference_seed), "--train",
          str(data / "train"), "--test", str(data / "test"), "--json", str(random_json), *extra, *common],
         out / "logs" / "probe.log"))
@@ -273,7 +270,7 @@ def analyse(args, sizes: Sizes, out: Path, steps: Steps) -> dict:
         "config": str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config),
         "overrides": common, "sizes": asdict(sizes), "cycles": cfg.train.cycles, "k": k0,
         "n_train": dist["n_images"], "n_test": random_probe["layers"][layer]["test_n"],
-        "probe": {"protocol": protocol, "layer": layer, "settings": random_probe.get("settings")},
+        "probe": {"protocol": random_probe["protocol"], "layer": layer, "settings": random_probe["settings"]},
         "ia_distribution": {"k": IA_DIST_K, "summary": dist["summary"][format_value(IA_DIST_K)],
                             "ia": [s["ia"] for s in dist["samples"]], "seeds": [s["seed"] for s in dist["samples"]]},
         "versus_k": {"ks": ks, "by_k": by_k, "runs": k_rows, "ia_samples": iak["samples"],
@@ -317,8 +314,8 @@ def blocks(r: dict) -> dict[str, str]:
     setup = (f"{r['dataset']} ({r['n_train']:,} train / {r['n_test']:,} test images), `{r['config']}` "
              f"({r['cycles']} cycles, K={r['k']} unless varied), probes `--protocol {r['probe']['protocol']}` on "
              f"{r['probe']['layer']}. `tools/reproduce_deep_dive.py{r['flags']}` "
-             f"took {t['total_wall_s'] / 60:.0f} min on this {t['cores']}-core machine, measured under load "
-             f"(mean load average {t['mean_load_average']:.1f}: other jobs shared the cores).")
+             f"took {t['total_wall_s'] / 60:.0f} min on this {t['cores']}-core machine at a mean load average of "
+             f"{t['mean_load_average']:.1f} (its own work included: above about 1.5, other jobs shared the cores).")
 
     d = r["ia_distribution"]["summary"]
     ia = "\n".join([
@@ -356,10 +353,11 @@ def blocks(r: dict) -> dict[str, str]:
     halt_text = ""
     if once is not None:
         gain = 100 * (once["probe_top1"] - ref["probe_top1"])
-        halt_text = (f"\nClustering once changes the probe accuracy by {gain:+.1f} points, the final NMI by "
-                     f"{once['final_nmi_gt'] - ref['final_nmi_gt']:+.3f} and the total "
-                     f"time by {100 * (once['time_total_s'] / ref['time_total_s'] - 1):+.0f}% (clustering was "
-                     f"{100 * ref['time_clustering_s'] / ref['time_total_s']:.0f}% of the reference run's time).")
+        # clustering seconds compare; totals also carry the training time, which other jobs' load moves
+        halt_text = (f"\nClustering once changes the probe accuracy by {gain:+.1f} points and the final NMI by "
+                     f"{once['final_nmi_gt'] - ref['final_nmi_gt']:+.3f}, and takes "
+                     f"{once['time_clustering_s']:.0f} s of clustering instead of {ref['time_clustering_s']:.0f} s "
+                     f"({100 * ref['time_clustering_s'] / ref['time_total_s']:.0f}% of the reference run's time).")
 
     p = r["pca"]
     lines_p = ["| PCA dims | IA | probe top-1 % | final NMI | total s | clustering s | training s |",

@@ -299,9 +299,13 @@ def cluster_cycle(model, shards, eval_tf, env, cfg: Config, cycle: int,
                                                       cfg.data.extract_batch_size, cfg.data.workers,
                                                       cfg.cluster.feature_dtype, model.feature_dim,
                                                       Compute.from_config(cfg, env.device))
-    n_skipped = int(dist.all_reduce_sum([len(skipped)])[0])
+    n_skipped, n_nonfinite = (int(v) for v in dist.all_reduce_sum([len(skipped), phases.nonfinite_rows(feats)]))
     t1 = time.perf_counter()  # after a collective: extraction ends when the slowest rank's does
     check_decodable(cfg, shards, n_total - n_skipped)
+    if n_nonfinite:
+        raise DcscaleError(f"cycle {cycle}: {n_nonfinite} image(s) gave NaN or infinite features at extraction "
+                           f"(train.precision = {cfg.train.precision} may overflow, or the weights diverged); "
+                           f"stopping before clustering them")
     z, _ = phases.reduce_features(indices, feats, n_total, cfg.cluster.pca_dim, cfg.cluster.pca_sample, seed)
     del feats  # the only reference: the raw features are gone before k-means
     release_freed_memory()

@@ -65,6 +65,13 @@ def extract_features(model_fn, shardset, transform, env: dist.DistEnv, batch_siz
     return indices[:filled], feats[:filled], skipped
 
 
+def nonfinite_rows(feats: np.ndarray, chunk_rows: int = 16384) -> int:
+    """Rows with a NaN or infinite value (fp16 overflow, diverged weights), counted a chunk at a time:
+    such rows would make the PCA and k-means silently meaningless."""
+    return sum(int(np.count_nonzero(~np.isfinite(feats[a:a + chunk_rows]).all(axis=1)))
+               for a in range(0, len(feats), chunk_rows))
+
+
 def _rows_in(indices: np.ndarray, chosen: np.ndarray) -> np.ndarray:
     """Positions in this rank's `indices` (sorted) of the globally chosen indices (sorted) it holds;
     memory in the number chosen, not in the rank's rows."""
