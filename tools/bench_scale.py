@@ -307,7 +307,14 @@ def gathered_bytes(cfg, n: int, world: int, feature_dim: int) -> dict:
     }
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def _kill(proc: subprocess.Popen, ranks: list[int]) -> None:
+    """The job and its ranks: torchrun may start ranks in sessions of their own, and code from before
+    the ranks' launcher-death exit would keep them training and loading the machine."""
+    for pid in ranks:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -355,7 +362,7 @@ def run_once(shards: Path, n: int, world: int, args, config: Path, run_dir: Path
                     break
                 time.sleep(args.poll_ms / 1000)
         finally:
-            _kill(proc)
+            _kill(proc, [trace.pid for trace in traces.values()])
     wall = time.time() - started
     stopped_early = stop_file.exists()
     metrics_file = run_dir / "metrics.jsonl"
