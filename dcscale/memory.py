@@ -2,7 +2,7 @@
 
 glibc keeps freed blocks below its mmap threshold in the heap, and that threshold rises (up to 32 MB
 on 64-bit) each time a larger mmapped block is freed. So after a phase frees its chunked temporaries
-(16k-row projection chunks, 64 MB gather pieces, faiss's search buffers) the process keeps them
+(projection chunks, 64 MB gather pieces, faiss's search buffers) the process keeps them
 resident, and every later phase's peak starts that much higher, whatever the rank's share of the
 data. malloc_trim(0) returns every whole free page. Elsewhere (macOS, musl) this does nothing.
 """
