@@ -57,7 +57,10 @@ class ClusterConfig:
     halt_after: int | None = None  # early clustering stop: from this cycle on, keep the labels
     reinit_head_after_halt: bool = True
     feature_dtype: Literal["float32", "float16"] = "float32"
-    wait_timeout_min: float = 180.0  # how long other ranks wait for rank 0's k-means
+    # distributed: Lloyd's iterations on every rank's own rows, K x (d + 1) sums all-reduced (memory and
+    # time shrink with W); rank0: the training rows gathered to rank 0 and faiss's own k-means run there.
+    kmeans: Literal["distributed", "rank0"] = "distributed"
+    wait_timeout_min: float = 180.0  # how long other ranks wait for rank 0 (PCA fit; k-means with kmeans: rank0)
 
 
 @dataclass

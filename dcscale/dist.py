@@ -144,7 +144,10 @@ def _comm_device() -> torch.device:
     return _ENV.device if _ENV.backend == "nccl" else torch.device("cpu")
 
 
-def _row_counts(n_rows: int) -> list[int]:
+def row_counts(n_rows: int) -> list[int]:
+    """Every rank's `n_rows`, in rank order (one small all-gather)."""
+    if not _ENV.distributed:
+        return [int(n_rows)]
     counts = torch.tensor([n_rows], dtype=torch.int64, device=_comm_device())
     out = [torch.zeros_like(counts) for _ in range(_ENV.world_size)]
     dist.all_gather(out, counts)
@@ -161,7 +164,7 @@ def gather_rows_to_main(x: np.ndarray) -> np.ndarray | None:
     staging, and no NCCL communicator for each pair of ranks."""
     if not _ENV.distributed:
         return x
-    counts = _row_counts(x.shape[0])
+    counts = row_counts(x.shape[0])
     x = np.ascontiguousarray(x)
     if not _ENV.is_main:
         if len(x):
@@ -181,7 +184,7 @@ def all_gather_rows(x: np.ndarray) -> np.ndarray:
     """Every rank's rows (in rank order) in one array on every rank."""
     if not _ENV.distributed:
         return x
-    counts = _row_counts(x.shape[0])
+    counts = row_counts(x.shape[0])
     world, most = _ENV.world_size, max(counts)
     x = np.ascontiguousarray(x)
     out = np.empty((world * most, *x.shape[1:]), dtype=x.dtype)  # rank r's rows at r * most
@@ -245,6 +248,21 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t)
     return t.cpu().tolist()
+
+
+def all_reduce_array_(x: np.ndarray) -> np.ndarray:
+    """Sum every rank's `x` (C-contiguous; same shape and dtype on every rank) into `x` itself, on every
+    rank, and return it: no copy of the array on CPU."""
+    if not _ENV.distributed:
+        return x
+    t = torch.from_numpy(x)
+    if _comm_device().type == "cpu":
+        dist.all_reduce(t)
+    else:
+        on_device = t.to(_comm_device())
+        dist.all_reduce(on_device)
+        t.copy_(on_device.cpu())
+    return x
 
 
 def any_rank(flag: bool) -> bool:

@@ -12,7 +12,7 @@ from sklearn.metrics import normalized_mutual_info_score
 from dcscale.cluster import (apply_pca, assign, cluster_features, cluster_stats, cycle_seed, fit_pca,
                              initial_alignment, l2_normalize, nmi, sample_row_indices, train_kmeans,
                              training_row_indices)
-from dcscale.cluster.kmeans import faiss_threads, kmeans_memory_bytes, usable_cores
+from dcscale.cluster.kmeans import faiss_threads, kmeans_memory_bytes, search_block, usable_cores
 from dcscale.cluster.metrics import nmi_scores
 from dcscale.config import ClusterConfig
 
@@ -125,6 +125,20 @@ def test_kmeans_and_assignment_same_result_for_any_thread_count():
         assert np.array_equal(centroids, results[0][0])
         assert np.array_equal(labels, results[0][1]) and np.array_equal(dists, results[0][2])
     assert usable_cores() >= 1
+
+
+def test_smaller_search_blocks_change_no_distance():
+    import faiss
+    x, _ = blobs(20_000, 16, 30, seed=2)
+    centroids = train_kmeans(x, 2000, niter=3, seed=4).centroids  # more centroids than one 1,024 block
+    default = assign(x, centroids)
+    before = faiss.cvar.distance_compute_blas_query_bs
+    with search_block():
+        assert faiss.cvar.distance_compute_blas_query_bs == 1024
+        small = assign(x, centroids)
+    assert faiss.cvar.distance_compute_blas_query_bs == before  # restored
+    np.testing.assert_array_equal(small[0], default[0])
+    np.testing.assert_array_equal(small[1], default[1])
 
 
 def test_kmeans_recovers_blobs_and_objective_matches_assignment():

@@ -46,6 +46,7 @@ def test_unknown_key_names_the_key_the_file_and_the_closest_valid_key(tmp_path):
     ("train.momentum=1.5", "train.momentum = 1.5 in the command line: expected a number in [0, 1)"),
     ("model.arch=alexnett", "model.arch = 'alexnett' in the command line: expected one of lenet5, alexnet,"),
     ("train.augment=heavy", "train.augment = 'heavy' in the command line: expected one of 'imagenet', 'small', 'none'"),
+    ("cluster.kmeans=gpu", "cluster.kmeans = 'gpu' in the command line: expected one of 'distributed', 'rank0'"),
     ("model.sobel=maybe", "model.sobel = 'maybe' in the command line: expected true/false"),
     ("train.augment_per_batch=1", "train.augment_per_batch = 1 in the command line: expected true/false"),
     ("cluster.halt_after=0", "cluster.halt_after = 0 in the command line: expected an integer >= 1"),

@@ -46,9 +46,13 @@ def _cycle_outputs(shard_dir: str) -> dict:
     capped, _ = phases.cluster_rows(indices, z, len(shards), k=10, niter=10, max_points_per_centroid=None,
                                     max_train_rows=600, seed=3)
     capped_labels, _ = phases.assign_labels(indices, z, capped, len(shards))
+    on_rank0, _ = phases.cluster_rows(indices, z, len(shards), k=10, niter=10, max_points_per_centroid=None,
+                                      max_train_rows=None, seed=3, mode="rank0")
+    rank0_labels, rank0_objective = phases.assign_labels(indices, z, on_rank0, len(shards))
     return {"indices": indices, "feats": feats, "labels": labels, "centroids": centroids,
             "objective": np.array(objective), "skipped": np.array(skipped, dtype=np.int64),
-            "capped_labels": capped_labels}
+            "capped_labels": capped_labels, "rank0_labels": rank0_labels,
+            "rank0_objective": np.array(rank0_objective)}
 
 
 def _rss_growth(fn):
@@ -85,6 +89,15 @@ def _collective_results() -> dict:
                                     and (everyone[3_000_000:] == 1).all())
     empty = dist.gather_rows_to_main(np.ones((0 if rank else 3, 2), np.float16))
     out["empty_part_ok"] = np.array(empty is None or (empty.shape == (3, 2) and empty.dtype == np.float16))
+    # k-means over 2 x 400,000 rows (51 MB a rank), both ways: what each rank's memory grows by.
+    from dcscale.train import phases
+
+    z = np.random.default_rng(rank).standard_normal((400_000, 32)).astype(np.float32)
+    indices = np.arange(400_000) + 400_000 * rank
+    for mode in ("distributed", "rank0"):
+        _, growth = _rss_growth(lambda: phases.cluster_rows(indices, z, 800_000, 100, 2, None, None, 0, mode))
+        out[f"kmeans_growth_{mode}"] = np.array(growth)
+    out["kmeans_rows_bytes"] = np.array(z.nbytes)
     return out
 
 
@@ -151,6 +164,23 @@ def test_capped_kmeans_rows_give_the_same_labels_at_any_world_size(two_rank_outp
     np.testing.assert_array_equal(r0["capped_labels"], r1["capped_labels"])
 
 
+def test_rank0_kmeans_gives_the_same_labels_at_any_world_size(two_rank_outputs, one_rank_outputs):
+    r0, r1 = two_rank_outputs
+    np.testing.assert_array_equal(r0["rank0_labels"], one_rank_outputs["rank0_labels"])
+    np.testing.assert_array_equal(r0["rank0_labels"], r1["rank0_labels"])
+    # Distributed Lloyd and faiss's own k-means: other random draws, the same quality.
+    assert float(r0["objective"]) == pytest.approx(float(r0["rank0_objective"]), rel=0.05)
+
+
+def test_distributed_kmeans_memory_does_not_grow_with_the_other_ranks_rows(two_rank_outputs):
+    r0, r1 = two_rank_outputs
+    rows = int(r0["kmeans_rows_bytes"])  # each rank's own rows (51 MB)
+    for r in (r0, r1):  # only centroids, sums and one chunk: well under a rank's own rows
+        assert r["kmeans_growth_distributed"] < 0.5 * rows
+    # With kmeans: rank0, rank 0 receives rank 1's rows (and faiss its buffers): more than their size.
+    assert r0["kmeans_growth_rank0"] > rows > 2 * r0["kmeans_growth_distributed"]
+
+
 def test_rows_arrive_in_one_array_with_no_second_copy(two_rank_outputs):
     r0, r1 = two_rank_outputs
     assert r0["gather_ok"] and r0["empty_part_ok"] and r1["empty_part_ok"]
@@ -199,7 +229,11 @@ def test_extraction_fills_one_array_and_leaves_out_undecodable_rows(broken_shard
     np.testing.assert_array_equal(feats16, feats32.astype(np.float16))
 
 
-def test_kmeans_uses_every_core_and_assignment_its_share(monkeypatch):
+@pytest.mark.parametrize("mode, kmeans_fn, kmeans_threads", [
+    ("rank0", "train_kmeans", lambda: usable_cores()),  # rank 0 alone: every core it may use
+    ("distributed", "distributed_kmeans", lambda: max(1, usable_cores() // 2)),  # all ranks at once: a share
+])
+def test_kmeans_and_assignment_threads(monkeypatch, mode, kmeans_fn, kmeans_threads):
     from dcscale.train import phases
 
     dist.init_distributed("gloo")
@@ -211,15 +245,15 @@ def test_kmeans_uses_every_core_and_assignment_its_share(monkeypatch):
             return real(*args, **kwargs)
         monkeypatch.setattr(phases, name, call)
 
-    spy("train_kmeans", phases.train_kmeans)
+    spy(kmeans_fn, getattr(phases, kmeans_fn))
     spy("assign", phases.assign)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     before = faiss.omp_get_max_threads()
     z = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
     indices = np.arange(300)
-    centroids, _ = phases.cluster_rows(indices, z, 300, 5, 5, None, None, seed=0)
+    centroids, _ = phases.cluster_rows(indices, z, 300, 5, 5, None, None, seed=0, mode=mode)
     phases.assign_labels(indices, z, centroids, 300)
-    assert seen == {"train_kmeans": usable_cores(), "assign": max(1, usable_cores() // 2)}
+    assert seen == {kmeans_fn: kmeans_threads(), "assign": max(1, usable_cores() // 2)}
     assert faiss.omp_get_max_threads() == before  # restored for the rest of the run
 
 
@@ -234,8 +268,11 @@ def _cluster_config(k: int, **cluster) -> Config:
 @pytest.mark.parametrize("k, cluster, message", [
     (1438, {}, "cluster.k = 1438 is more than the 1437 images of {root}: at least 1 cluster(s) would stay "
                "empty; use at most 1437"),
-    (10**9, {}, "cluster.k = 1000000000 needs about 253.3 GiB on rank 0 for k-means (1,000,000,000 training "
-                "rows and 1,000,000,000 centroids of 16 dims), more than this machine's {mem} GiB; lower cluster.k"),
+    (10**9, {}, "cluster.k = 1000000000 needs about 245.9 GiB on every rank for k-means (1,000,000,000 "
+                "centroids of 16 dims and their sums), more than this machine's {mem} GiB; lower cluster.k"),
+    (10**9, {"kmeans": "rank0"}, "cluster.k = 1000000000 needs about 253.3 GiB on rank 0 for k-means "
+                                 "(1,000,000,000 training rows and 1,000,000,000 centroids of 16 dims), more than "
+                                 "this machine's {mem} GiB; lower cluster.k"),
     (50, {"max_train_rows": 20}, "cluster.max_train_rows = 20 is less than cluster.k = 50: every centroid "
                                  "needs training rows; raise it (or null for every row)"),
 ])

@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Rank 0's k-means seconds per iteration: as before issue 9 against as it runs now, side by side.
+"""Rank 0's k-means seconds per iteration (`cluster.kmeans: rank0`): before issue 9 against now, side by side.
 
     .venv/bin/python tools/bench_kmeans_threads.py --n 1000000 --d 32 --k 10000
 
 Before: one faiss call with torchrun's OMP_NUM_THREADS=1. Now: dcscale.cluster.kmeans.train_kmeans
 (one faiss iteration per call, so each is reported) with faiss's thread count raised to the cores the
-process may run on (usable_cores), as phases.cluster_rows runs it. The two alternate, best of --repeats.
+process may run on (usable_cores), as phases.cluster_rows runs it with cluster.kmeans: rank0. The two
+alternate, best of --repeats. The distributed default is measured end to end by tools/bench_scale.py.
 """
 
 from __future__ import annotations

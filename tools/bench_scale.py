@@ -13,7 +13,8 @@ How it measures, without any hook in the library:
 - Memory: this process polls every rank (the torchrun agent's child processes) every --poll-ms. It
   reads VmHWM from /proc/<pid>/status and resets it (`5` into /proc/<pid>/clear_refs), so each
   reading is the exact peak RSS since the previous one, short spikes included (falls back to VmRSS
-  samples where the reset is not allowed; the JSON says which). The reset also lowers the run's own
+  samples where the reset is not allowed; the JSON says which). The reading whose interval
+  straddles a phase's start counts with its RSS, not its peak, which may be the previous phase's. The reset also lowers the run's own
   `peak_mem_mb`, so that number is not used.
 - Phase boundaries: rank 0 writes labels.npy right after assignment, so its mtime ends the assign
   phase; the cycle's phase durations (t_extract, t_pca, t_kmeans, t_assign, contiguous on rank 0)
@@ -22,8 +23,9 @@ How it measures, without any hook in the library:
   checkpoint holds the cycle's metrics, t_train up to that step included, and its mtime ends the
   train phase. `between` is the gap in between (label NMI and sizes, head reset, DDP wrap). Other ranks'
   phases end at the same collectives, so one set of boundaries serves every rank.
-- Bytes gathered to rank 0: from the resolved config (PCA sample rows x D and k-means training rows
-  x d, float32, from the other W-1 ranks). /proc cannot measure them: gloo moves data with
+- Bytes gathered to rank 0: from the resolved config (PCA sample rows x D, and with cluster.kmeans:
+  rank0 the k-means training rows x d, float32, from the other W-1 ranks; with the distributed
+  default, the K x (d + 1) float64 sums all-reduced every iteration instead). /proc cannot measure them: gloo moves data with
   sendmsg/recvmsg, which /proc/<pid>/io does not count, and loopback counters are shared.
 - Open files: /proc/<pid>/fd entries (shards, sockets, pipes), the largest count seen.
 
@@ -236,19 +238,28 @@ class RankTrace:
         return True
 
     def window(self, start: float, end: float) -> dict:
-        """Peak (MB) of the samples covering [start, end], RSS (MB) at start, most open fds."""
+        """Peak (MB) during [start, end], RSS (MB) at start, most open fds.
+
+        Sample k covers (t[k-1], t[k]]: every sample whose interval meets the window counts with its
+        peak, except the one straddling the start, which counts with the RSS it read inside the window:
+        its peak may be the previous phase's, which typically peaks as it ends and frees at the boundary
+        (it would lend that peak to the next phase). The sample straddling the end keeps its peak (an
+        upper bound), as does a window shorter than one sample interval."""
         t = np.array(self.t)
         if len(t) == 0:
             return {}
-        # sample k covers (t[k-1], t[k]]: take every sample whose interval meets the window
-        first = int(np.searchsorted(t, start, side="left"))
-        last = int(np.searchsorted(t, end, side="left"))
+        first = int(np.searchsorted(t, start, side="left"))  # the first sample read at or after start
+        last = int(np.searchsorted(t, end, side="left"))  # the first sample read at or after end
         sel = slice(first, min(last + 1, len(t)))
         if sel.start >= sel.stop:
             return {}
+        peaks = [self.peak_kb[k] for k in range(first + 1, sel.stop)]  # intervals starting in the window
+        if first < last:  # the start-straddling sample was read inside the window: its RSS then
+            peaks.append(self.rss_kb[first])
+        peak = max(peaks) if peaks else max(self.peak_kb[sel])
         before = max(first - 1, 0)
         return {
-            "peak_mb": max(self.peak_kb[sel]) / 1024,
+            "peak_mb": peak / 1024,
             "start_mb": self.rss_kb[before] / 1024,
             "fds_max": max(self.fds[sel]),
         }
@@ -296,12 +307,16 @@ def gathered_bytes(cfg, n: int, world: int, feature_dim: int) -> dict:
     d = c.pca_dim or feature_dim
     caps = [getattr(c, "max_train_rows", None), None if c.max_points_per_centroid is None else c.k * c.max_points_per_centroid]
     train_rows = min([n] + [cap for cap in caps if cap is not None])
+    on_rank0 = getattr(c, "kmeans", "rank0") == "rank0"  # (code from before cluster.kmeans: always rank 0)
     return {
+        "kmeans_mode": "rank0" if on_rank0 else "distributed",
         "pca_sample_rows": pca_rows, "kmeans_train_rows": train_rows, "feature_dim": feature_dim, "reduced_dim": d,
         "to_rank0_pca": int(others * pca_rows * feature_dim * 4),
-        "to_rank0_kmeans": int(others * train_rows * d * 4),
+        "to_rank0_kmeans": int(others * train_rows * d * 4) if on_rank0 else 0,
         "rank0_holds_pca_sample": pca_rows * feature_dim * 4,
-        "rank0_holds_kmeans_rows": train_rows * d * 4,
+        "rank0_holds_kmeans_rows": train_rows * d * 4 if on_rank0 else int(train_rows / world) * d * 4,
+        # distributed: the initial centroids, then the sums, counts and objective (float64), every iteration
+        "kmeans_all_reduce_per_iter": 0 if on_rank0 or world == 1 else 8 * (c.k * (d + 1) + 1),
         "broadcast_from_rank0": (feature_dim * d + feature_dim) * 4 * (c.pca_dim is not None) + c.k * d * 4,
         "labels_all_gather_per_rank": int(others * n * 4),
     }
@@ -446,16 +461,18 @@ def print_report(runs: list[dict], exps: list[dict]) -> None:
             growth = "" if phase == "startup" else _ranks([w.get("growth_mb") for w in p["ranks"]], "+,.0f")
             print(f"| {r['n']:,} | {r['world']} | {r['k']} | {phase} | {p['seconds']:.2f} | {peak} | {growth} "
                   f"| {_ranks([w.get('fds_max') for w in p['ranks']], 'd')} |")
-    print("\n| N | W | train steps | k-means s/iter | k-means rows | to rank 0: PCA sample MB "
-          "| to rank 0: k-means rows MB | rank 0 holds MB | labels all-gather MB/rank |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| N | W | k-means | train steps | k-means s/iter | k-means rows | to rank 0: PCA sample MB "
+          "| to rank 0: k-means rows MB | k-means all-reduce MB/iter | rank 0 holds MB | labels all-gather MB/rank |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in runs:
         if "error" in r:
             continue
         b = r["bytes"]
         holds = b["rank0_holds_pca_sample"] + b["rank0_holds_kmeans_rows"]
-        print(f"| {r['n']:,} | {r['world']} | {r['steps']} | {r['kmeans_s_per_iter']:.3f} | {b['kmeans_train_rows']:,} "
-              f"| {b['to_rank0_pca'] / MB:.2f} | {b['to_rank0_kmeans'] / MB:.2f} | {holds / MB:.2f} "
+        print(f"| {r['n']:,} | {r['world']} | {b.get('kmeans_mode', 'rank0')} | {r['steps']} "
+              f"| {r['kmeans_s_per_iter']:.3f} | {b['kmeans_train_rows']:,} "
+              f"| {b['to_rank0_pca'] / MB:.2f} | {b['to_rank0_kmeans'] / MB:.2f} "
+              f"| {b.get('kmeans_all_reduce_per_iter', 0) / MB:.2f} | {holds / MB:.2f} "
               f"| {b['labels_all_gather_per_rank'] / MB:.2f} |")
     if exps:
         print("\nGrowth exponent of each phase's time, log(t2/t1) / log(N2/N1):\n")
@@ -466,7 +483,7 @@ def print_report(runs: list[dict], exps: list[dict]) -> None:
             print(f"| {e['world']} | {e['n1']:,} -> {e['n2']:,} | {cells} |")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, nargs="+", default=[20_000, 200_000, 1_000_000], help="shard set sizes")
     parser.add_argument("--world", type=int, nargs="+", default=[1, 2, 4], help="processes per run")
@@ -485,7 +502,7 @@ def main() -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides")
     parser.add_argument("--poll-ms", type=float, default=20.0)
     parser.add_argument("--timeout-min", type=float, default=120.0, help="per run")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     import faiss
     import torch

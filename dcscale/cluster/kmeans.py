@@ -23,7 +23,7 @@ import numpy as np
 from dcscale.cluster.metrics import cluster_stats
 from dcscale.cluster.pca import apply_pca, fit_pca, sample_row_indices
 
-_ASSIGN_CHUNK = 262144  # query rows per search call: bounds faiss's temporary distance buffers
+_ASSIGN_CHUNK = 65536  # query rows per search call: bounds the per-call outputs and faiss's query buffers (4 MB)
 
 
 @dataclass
@@ -84,6 +84,22 @@ def faiss_threads(n: int):
         yield
     finally:
         faiss.omp_set_num_threads(before)
+
+
+SEARCH_QUERY_BLOCK = 1024  # faiss's default 4,096 makes every CPU search call allocate a 16 MB distance block
+
+
+@contextmanager
+def search_block(rows: int = SEARCH_QUERY_BLOCK):
+    """Inside the block, faiss's CPU searches compute distances `rows` queries at a time (x 1,024
+    centroids: a 4 MB block instead of 16 MB, allocated per search call); restored after. The block
+    size does not change any distance (tests/test_cluster.py)."""
+    before = faiss.cvar.distance_compute_blas_query_bs
+    faiss.cvar.distance_compute_blas_query_bs = int(rows)
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_query_bs = before
 
 
 def use_gpu() -> bool:

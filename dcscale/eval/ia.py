@@ -76,7 +76,8 @@ def cycle0_labels(cfg: Config, feats: np.ndarray, indices: np.ndarray, n_total: 
     seed = cycle_seed(cfg.seed, 0)
     z, _ = reduce_features(indices, feats, n_total, cfg.cluster.pca_dim, cfg.cluster.pca_sample, seed)
     centroids, _ = cluster_rows(indices, z, n_total, cfg.cluster.k, cfg.cluster.niter,
-                                cfg.cluster.max_points_per_centroid, cfg.cluster.max_train_rows, seed)
+                                cfg.cluster.max_points_per_centroid, cfg.cluster.max_train_rows, seed,
+                                cfg.cluster.kmeans)
     return assign_labels(indices, z, centroids, n_total)
 
 

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dcscale import dist
 from dcscale.cluster.kmeans import cycle_seed, kmeans_memory_bytes, physical_memory_bytes
+from dcscale.cluster.lloyd import distributed_kmeans_memory_bytes
 from dcscale.cluster.metrics import cluster_stats, nmi_scores
 from dcscale.config import Config, config_to_dict
 from dcscale.data.loaders import SeededDraws
@@ -241,11 +242,17 @@ def check_clusterable(cfg: Config, model, shards: ShardSet) -> None:
     n_train = n if c.max_train_rows is None else min(n, c.max_train_rows)
     if c.max_points_per_centroid is not None:
         n_train = min(n_train, c.k * c.max_points_per_centroid)
-    need, have = kmeans_memory_bytes(n_train, c.k, dim), physical_memory_bytes()
-    if need > have:
-        raise DcscaleError(f"cluster.k = {c.k} needs about {need / 2**30:,.1f} GiB on rank 0 for k-means "
-                           f"({max(n_train, c.k):,} training rows and {c.k:,} centroids of {dim} dims), more than "
-                           f"this machine's {have / 2**30:,.1f} GiB; lower cluster.k")
+    have = physical_memory_bytes()
+    if c.kmeans == "rank0":
+        need = kmeans_memory_bytes(n_train, c.k, dim)
+        if need > have:
+            raise DcscaleError(f"cluster.k = {c.k} needs about {need / 2**30:,.1f} GiB on rank 0 for k-means "
+                               f"({max(n_train, c.k):,} training rows and {c.k:,} centroids of {dim} dims), more "
+                               f"than this machine's {have / 2**30:,.1f} GiB; lower cluster.k")
+    elif (need := distributed_kmeans_memory_bytes(c.k, dim)) > have:
+        raise DcscaleError(f"cluster.k = {c.k} needs about {need / 2**30:,.1f} GiB on every rank for k-means "
+                           f"({c.k:,} centroids of {dim} dims and their sums), more than this machine's "
+                           f"{have / 2**30:,.1f} GiB; lower cluster.k")
     if c.k > n:
         raise DcscaleError(f"cluster.k = {c.k} is more than the {n} images of {shards.root}: at least "
                            f"{c.k - n} cluster(s) would stay empty; use at most {n}")
@@ -309,18 +316,21 @@ def cluster_cycle(model, shards, eval_tf, env, cfg: Config, cycle: int,
     z, _ = phases.reduce_features(indices, feats, n_total, cfg.cluster.pca_dim, cfg.cluster.pca_sample, seed)
     del feats  # the only reference: the raw features are gone before k-means
     release_freed_memory()
+    dist.barrier()  # (cheap) so that the projection ends when the slowest rank's does, in t2 as in the memory
     t2 = time.perf_counter()
     centroids, _ = phases.cluster_rows(indices, z, n_total, cfg.cluster.k, cfg.cluster.niter,
-                                       cfg.cluster.max_points_per_centroid, cfg.cluster.max_train_rows, seed)
+                                       cfg.cluster.max_points_per_centroid, cfg.cluster.max_train_rows, seed,
+                                       cfg.cluster.kmeans)
     release_freed_memory()
     t3 = time.perf_counter()
     local_labels, sq_dist = phases.assign_rows(z, centroids)
+    del z  # the last use of the reduced rows: the label exchange and the montage need only the distances
     labels, objective = phases.share_labels(indices, local_labels, sq_dist, n_total)
     rows = None
     if montage:  # its images, from the distances just computed: each rank's nearest few per shown cluster
         shown = montage_clusters(cluster_stats(labels, cfg.cluster.k)["sizes"], cfg.seed)
         rows = shown, phases.nearest_rows(indices, local_labels, sq_dist, [c for c, _ in shown], MONTAGE_PER_ROW)
-    del z, indices, local_labels, sq_dist
+    del indices, local_labels, sq_dist
     release_freed_memory()  # training starts from the labels alone
     t4 = time.perf_counter()
     if n_skipped and env.is_main:

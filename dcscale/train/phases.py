@@ -2,10 +2,11 @@
 
 Each phase takes explicit inputs and returns explicit outputs; `dcscale.train.loop` calls them in
 order. Data flow (see DESIGN.md): every rank works on its own contiguous slice of the shard set; only
-the PCA sample and the k-means training rows (at most cluster.max_train_rows) travel to rank 0; the
-PCA matrix and the centroids travel back; the N-long label array is all-gathered. Nothing of size
-N x D sits on one host, and a rank's features exist once: in one array of its slice, then projected
-chunk by chunk into the (smaller) reduced rows.
+the PCA sample travels to rank 0 and the PCA matrix back; k-means all-reduces K x (d + 1) sums per
+iteration (cluster.kmeans: distributed; with "rank0" the training rows, at most
+cluster.max_train_rows, travel to rank 0 and the centroids back); the N-long label array is
+all-gathered. Nothing of size N x D sits on one host, and a rank's features exist once: in one array
+of its slice, then projected chunk by chunk into the (smaller) reduced rows.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import numpy as np
 import torch
 
 from dcscale import dist
-from dcscale.cluster.kmeans import assign, faiss_threads, train_kmeans, training_row_indices, usable_cores
+from dcscale.cluster.kmeans import (assign, faiss_threads, search_block, train_kmeans, training_row_indices,
+                                    usable_cores)
+from dcscale.cluster.lloyd import distributed_kmeans
 from dcscale.cluster.pca import PCA, apply_pca, fit_pca
 from dcscale.data.loaders import extraction_loader
 from dcscale.data.partition import rank_range
@@ -108,19 +111,32 @@ def reduce_features(indices: np.ndarray, feats: np.ndarray, n_total: int, pca_di
 
 def cluster_rows(indices: np.ndarray, z: np.ndarray, n_total: int, k: int, niter: int,
                  max_points_per_centroid: int | None, max_train_rows: int | None,
-                 seed: int) -> tuple[np.ndarray, float]:
-    """k-means on rank 0 over the (possibly subsampled) training rows of every rank; centroids to all.
+                 seed: int, mode: str = "distributed") -> tuple[np.ndarray, float]:
+    """k-means over the (possibly subsampled) training rows of every rank; the centroids on every rank.
 
-    Returns (centroids [K, d], faiss's training objective). Rank 0 runs faiss on every core it may
-    use (faiss's thread count is restored after); the other ranks wait on a long-timeout barrier
-    meanwhile.
+    Returns (centroids [K, d], the training objective). `mode` (cluster.kmeans):
+    - "distributed": every rank runs Lloyd's iterations on its own training rows, on its share of its
+      node's cores (or its GPU), and only K x (d + 1) sums are all-reduced per iteration;
+    - "rank0": the training rows are gathered to rank 0 and faiss's own k-means runs there on every
+      core it may use (faiss's thread count is restored after); the other ranks wait on a
+      long-timeout barrier meanwhile.
     """
     chosen = training_row_indices(n_total, k, max_points_per_centroid, seed, max_train_rows)
     local = z if chosen is None else z[_rows_in(indices, chosen)]
+    env = dist.get_env()
+    if mode == "distributed":
+        device = env.device.index if env.device.type == "cuda" else None
+        with faiss_threads(assign_threads()), search_block(), \
+                Progress("k-means", niter, "iterations", env.is_main) as shown:
+            result = distributed_kmeans(local, k, niter, seed, device=device,
+                                        on_iteration=lambda obj: shown.update(1, objective=obj))
+        return result.centroids, float(result.objective)
+    if mode != "rank0":
+        raise ValueError(f"unknown k-means mode {mode!r}: 'distributed' or 'rank0'")
     train_rows = dist.gather_rows_to_main(np.ascontiguousarray(local, dtype=np.float32))
     del local
     if dist.is_main():
-        with faiss_threads(usable_cores()), Progress("k-means", niter, "iterations") as shown:
+        with faiss_threads(usable_cores()), search_block(), Progress("k-means", niter, "iterations") as shown:
             result = train_kmeans(train_rows, k, niter, seed, on_iteration=lambda obj: shown.update(1, objective=obj))
         centroids, objective = result.centroids, float(result.objective)
     else:
@@ -149,7 +165,7 @@ def assign_rows(z: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.nd
     """This rank's rows' nearest centroids and squared distances to them (no communication)."""
     env = dist.get_env()
     device = env.device.index if env.device.type == "cuda" else None
-    with faiss_threads(assign_threads()):
+    with faiss_threads(assign_threads()), search_block():
         return assign(np.ascontiguousarray(z, dtype=np.float32), centroids, device=device)
 
 
