@@ -246,3 +246,24 @@ def test_sweep_probe_panel_names_its_layers():
     assert panels["linear probe top-1"] == [("probe_conv1_top1", "conv1"), ("probe_relu2_top1", "relu2")]
     only = [{k: v for k, v in r.items() if "relu2" not in k} for r in rows]
     assert dict(sweep.plot_panels(only))["linear probe top-1 (conv1)"] == [("probe_conv1_top1", None)]
+
+
+def test_a_demo_log_whose_run_is_gone_is_measured_again(digits_train_shards, digits_test_shards, tmp_path):
+    """tools/digits_figures.py: a finished demo.log without its run directory (removed by hand) re-runs
+    the demo, and drops the probe of the old run's network, instead of failing with a traceback."""
+    from conftest import tiny_run_overrides
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("digits_figures", root / "tools" / "digits_figures.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "figures"
+    (out / "probe").mkdir(parents=True)
+    (out / "demo.log").write_text("dcscale train: done 30 cycles, final loss 0.1\n")  # and no out/demo
+    (out / "probe" / "after_demo.json").write_text("{}")
+    overrides = [o for o in tiny_run_overrides(digits_train_shards, out / "unused")
+                 if not o.startswith(("output.dir=", "data.train="))]
+    block, rows = tool.demo_block(out, digits_train_shards, digits_test_shards, 1, overrides)
+    assert block.startswith("```\ncycle   1 |") and "dcscale train: done 2 cycles" in block
+    assert [row["cycle"] for row in rows] == [0, 1]
+    assert not (out / "probe" / "after_demo.json").exists()

@@ -70,8 +70,12 @@ def demo_block(out: Path, train: Path, test: Path, nproc: int, overrides: list[s
     """The demo's closing output lines (as `make demo` prints them) and its metrics rows."""
     run_dir = out / "demo"
     log = out / "demo.log"
-    if not (log.is_file() and "dcscale train: done" in log.read_text()):
-        shutil.rmtree(run_dir, ignore_errors=True)  # a run this tool left unfinished: measure from scratch
+    finished = log.is_file() and "dcscale train: done" in log.read_text()
+    if not (finished and (run_dir / "metrics.jsonl").is_file()):
+        # a run this tool left unfinished, or whose directory is gone: measure from scratch, and the
+        # probe of its network again
+        shutil.rmtree(run_dir, ignore_errors=True)
+        (out / "probe" / "after_demo.json").unlink(missing_ok=True)
         dcscale("train", "--config", str(DEMO), f"data.train={train}", f"data.test={test}",
                 f"output.dir={run_dir}", *overrides, nproc=nproc, log=log)
     lines = log.read_text().replace(str(run_dir), DEMO_RUN_DIR).splitlines()
