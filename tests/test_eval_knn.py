@@ -106,7 +106,8 @@ cfg = load_config(None, [f"data.train={sys.argv[1]}", f"data.test={sys.argv[2]}"
                          "data.workers=0", "model.arch=lenet5", "cluster.k=10", "eval.knn_k=20"])
 model = random_init_model(cfg, 1, 32, 0, torch.device("cpu"))
 v = knn_monitor(model, ShardSet(cfg.data.train), ShardSet(cfg.data.test), eval_transform_for(cfg, 1, 32), env, cfg)
-print(f"rank {env.rank} knn {v!r}")
+sys.stdout.write(f"rank {env.rank} knn {v!r}\\n")  # one write: the two ranks share the pipe (print writes twice)
+sys.stdout.flush()
 dist.shutdown()
 """
 
