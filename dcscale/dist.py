@@ -243,11 +243,7 @@ def broadcast_object(obj, src: int = 0):
 
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum a few numbers over ranks (loss totals, counts)."""
-    if not _ENV.distributed:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t)
-    return t.cpu().tolist()
+    return all_reduce_array_(np.array(values, dtype=np.float64)).tolist()
 
 
 def all_reduce_array_(x: np.ndarray) -> np.ndarray:

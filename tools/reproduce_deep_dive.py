@@ -340,15 +340,22 @@ def blocks(r: dict) -> dict[str, str]:
                 f"{row['final_nmi_gt']:.3f} | {row['time_total_s']:.0f} | {row['time_clustering_s']:.0f} | "
                 f"{row['time_train_s']:.0f} |")
 
+    def sweep_lines(name: str, key: str, first: str, label, cell) -> list[str]:
+        """A study's table: its runs by the swept value, then the config's own run (the reference)."""
+        section = r[name]
+        lines = [f"| {first} | probe top-1 % | final NMI | total s | clustering s | training s |",
+                 "|---|" + "---|" * (first.count("|") + 5)]
+        for row in sorted(section["runs"], key=lambda x: x["values"][key]):
+            lines.append(run_line(label(row["values"][key]), row, cell(row)))
+        lines.append(run_line(f"{reference_label(name, section['reference_value'])} (the config's)",
+                              section["reference"], cell(section["reference"])))
+        return lines
+
     h = r["halt"]
-    lines_h = ["| halt_after | clustering cycles | probe top-1 % | final NMI | total s | clustering s | training s |",
-               "|---|---|---|---|---|---|---|"]
-    for row in sorted(h["runs"], key=lambda x: x["values"]["cluster.halt_after"]):
-        halt = row["values"]["cluster.halt_after"]
-        lines_h.append(run_line(f"{halt}{' (cluster once)' if halt == 1 else ''}", row, str(row["clustering_cycles"])))
     ref = h["reference"]
-    lines_h.append(run_line(f"{reference_label('halt', h['reference_value'])} (the config's)", ref,
-                            str(ref["clustering_cycles"])))
+    lines_h = sweep_lines("halt", "cluster.halt_after", "halt_after | clustering cycles",
+                          lambda halt: f"{halt}{' (cluster once)' if halt == 1 else ''}",
+                          lambda row: str(row["clustering_cycles"]))
     once = next((row for row in h["runs"] if row["values"]["cluster.halt_after"] == 1), None)
     halt_text = ""
     if once is not None:
@@ -359,13 +366,7 @@ def blocks(r: dict) -> dict[str, str]:
                      f"{once['time_clustering_s']:.0f} s of clustering instead of {ref['time_clustering_s']:.0f} s "
                      f"({100 * ref['time_clustering_s'] / ref['time_total_s']:.0f}% of the reference run's time).")
 
-    p = r["pca"]
-    lines_p = ["| PCA dims | IA | probe top-1 % | final NMI | total s | clustering s | training s |",
-               "|---|---|---|---|---|---|---|"]
-    for row in sorted(p["runs"], key=lambda x: x["values"]["cluster.pca_dim"]):
-        lines_p.append(run_line(str(row["values"]["cluster.pca_dim"]), row, f"{row['ia']:.3f}"))
-    lines_p.append(run_line(f"{reference_label('pca', p['reference_value'])} (the config's)", p["reference"],
-                            f"{p['reference']['ia']:.3f}"))
+    lines_p = sweep_lines("pca", "cluster.pca_dim", "PCA dims | IA", str, lambda row: f"{row['ia']:.3f}")
 
     s = r["seeds"]
     lines_s = ["| seed | IA | probe top-1 % | final NMI |", "|---|---|---|---|"]

@@ -239,11 +239,11 @@ def check_clusterable(cfg: Config, model, shards: ShardSet) -> None:
         raise DcscaleError(f"cluster.pca_dim = {c.pca_dim} is more than the {model.feature_dim} "
                            f"feature dimensions of {cfg.model.arch}; use at most {model.feature_dim}, or null")
     dim = model.feature_dim if c.pca_dim is None else c.pca_dim
-    n_train = n if c.max_train_rows is None else min(n, c.max_train_rows)
-    if c.max_points_per_centroid is not None:
-        n_train = min(n_train, c.k * c.max_points_per_centroid)
     have = physical_memory_bytes()
-    if c.kmeans == "rank0":
+    if c.kmeans == "rank0":  # rank 0 holds the training rows
+        n_train = n if c.max_train_rows is None else min(n, c.max_train_rows)
+        if c.max_points_per_centroid is not None:
+            n_train = min(n_train, c.k * c.max_points_per_centroid)
         need = kmeans_memory_bytes(n_train, c.k, dim)
         if need > have:
             raise DcscaleError(f"cluster.k = {c.k} needs about {need / 2**30:,.1f} GiB on rank 0 for k-means "

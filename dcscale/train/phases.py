@@ -123,12 +123,10 @@ def cluster_rows(indices: np.ndarray, z: np.ndarray, n_total: int, k: int, niter
     """
     chosen = training_row_indices(n_total, k, max_points_per_centroid, seed, max_train_rows)
     local = z if chosen is None else z[_rows_in(indices, chosen)]
-    env = dist.get_env()
     if mode == "distributed":
-        device = env.device.index if env.device.type == "cuda" else None
         with faiss_threads(assign_threads()), search_block(), \
-                Progress("k-means", niter, "iterations", env.is_main) as shown:
-            result = distributed_kmeans(local, k, niter, seed, device=device,
+                Progress("k-means", niter, "iterations", dist.is_main()) as shown:
+            result = distributed_kmeans(local, k, niter, seed, device=faiss_device(),
                                         on_iteration=lambda obj: shown.update(1, objective=obj))
         return result.centroids, float(result.objective)
     if mode != "rank0":
@@ -148,6 +146,12 @@ def cluster_rows(indices: np.ndarray, z: np.ndarray, n_total: int, k: int, niter
     return centroids, objective
 
 
+def faiss_device() -> int | None:
+    """This rank's GPU for its faiss searches (k-means iterations, assignment), or None on a CPU."""
+    device = dist.get_env().device
+    return device.index if device.type == "cuda" else None
+
+
 def assign_threads() -> int:
     """faiss threads for each rank's assignment: its share of its node's cores (all ranks assign at
     once), the same share a rank's torch threads get when OMP_NUM_THREADS is unset."""
@@ -163,10 +167,8 @@ def assign_labels(indices: np.ndarray, z: np.ndarray, centroids: np.ndarray, n_t
 
 def assign_rows(z: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """This rank's rows' nearest centroids and squared distances to them (no communication)."""
-    env = dist.get_env()
-    device = env.device.index if env.device.type == "cuda" else None
     with faiss_threads(assign_threads()), search_block():
-        return assign(np.ascontiguousarray(z, dtype=np.float32), centroids, device=device)
+        return assign(np.ascontiguousarray(z, dtype=np.float32), centroids, device=faiss_device())
 
 
 def share_labels(indices: np.ndarray, local_labels: np.ndarray, sq_dist: np.ndarray,
