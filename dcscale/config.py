@@ -61,6 +61,10 @@ class ClusterConfig:
     # time shrink with W); rank0: the training rows gathered to rank 0 and faiss's own k-means run there.
     kmeans: Literal["distributed", "rank0"] = "distributed"
     wait_timeout_min: float = 180.0  # how long other ranks wait for rank 0 (PCA fit; k-means with kmeans: rank0)
+    # kmeans: pseudo-labels (DeepCluster). ground_truth: the shard set's own classes, fixed from cycle 0 and
+    # never clustered: the supervised ceiling of a probe table (same network, schedule and sampler); K must
+    # equal the class count.
+    labels: Literal["kmeans", "ground_truth"] = "kmeans"
 
 
 @dataclass

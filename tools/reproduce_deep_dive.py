@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import statistics
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -465,8 +466,9 @@ def figures(r: dict, out: Path) -> list[str]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", choices=tuple(DATASET_OVERRIDES), default="mnist-sample")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--dataset", choices=(*DATASET_OVERRIDES, "fmnist"), default="mnist-sample",
+                   help="fmnist: the full Fashion-MNIST, measured point by point into --results")
+    p.add_argument("--config", default=None, help="default: the dataset's paper config")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", dest="mode", action="store_const", const="quick", help="smaller grids, 5 cycles")
     size.add_argument("--tiny", dest="mode", action="store_const", const="tiny",
@@ -476,7 +478,19 @@ def main() -> int:
     p.add_argument("--data", default=None, help="directory with train/ and test/ shard sets of --dataset")
     p.add_argument("--readme", default=None, help="rewrite the marked blocks of this README")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every step")
+    points = p.add_argument_group("point by point (--dataset fmnist, or any dataset with --results)")
+    points.add_argument("--results", default=None,
+                        help="folder of per-point result JSONs, kept in the repository (fmnist: docs/results/fmnist)")
+    points.add_argument("--runs", default=None, help="scratch run directories (default: runs/deep_dive/points/DATASET)")
+    points.add_argument("--idx", default=FMNIST_IDX, help="fmnist: folder of the idx files, to build --data from")
+    points.add_argument("--nproc", type=int, default=1, help="processes per training run and IA batch (torchrun)")
+    points.add_argument("--max-points", type=int, default=None, help="stop after running this many points")
+    points.add_argument("--hours", type=float, default=None, help="start no new point after this many hours")
+    points.add_argument("--report-only", action="store_true", help="only regenerate the tables from the results")
     args = p.parse_args()
+    if args.dataset == "fmnist" or args.results:
+        return points_main(args)
+    args.config = args.config or str(DEFAULT_CONFIG)
 
     out = Path(args.out or ROOT / "runs" / "deep_dive" / args.mode / args.dataset).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -494,6 +508,88 @@ def main() -> int:
         print(f"deep_dive: rewrote the {', '.join(parts)} blocks of {readme}")
     print(f"deep_dive: done in {result['timing']['total_wall_s'] / 60:.1f} min; {out / 'deep_dive.json'}, "
           f"{out / 'deep_dive.md'}, {', '.join(result['figures'])}")
+    return 0
+
+
+# ---- point by point: the full datasets, results kept in the repository ----------------------------------
+
+FMNIST_IDX = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist (`make data-fmnist`)
+PAPER_CONFIGS = {"fmnist": ROOT / "configs" / "paper" / "fmnist_lenet5.yaml"}
+
+
+def points_plan(mode: str, k0: int, classes: int) -> "deep_dive_points.Plan":
+    from deep_dive_points import Plan
+
+    if mode == "full":  # the authors' FMNIST jobs: vary_K 5, 7, 10, 12, 20, ...; vary_halt 1, 10, 30, 50 (of 50)
+        return Plan(k0=k0, ia_ks=tuple(sorted({k0, 5, 7, 10, 20})), ia_seeds_per_k=20, ia_dist_seeds=100,
+                    ia_batch=10, seeds=(0, 1, 2), halts=(1, 10, 30), pcas=(40, 60), ia_acc_seeds=tuple(range(10)),
+                    ref_seeds=(0, 1, 2), classes=classes)
+    other = 10 if k0 != 10 else 5  # --tiny/--quick: checks the tool, measures nothing
+    return Plan(k0=k0, ia_ks=(k0, other), ia_seeds_per_k=2, ia_dist_seeds=4, ia_batch=2, seeds=(0,), halts=(1,),
+                pcas=(8,), ia_acc_seeds=(0,), ref_seeds=(0,), classes=classes)
+
+
+def ensure_data(args, data: Path, out_log: Path) -> None:
+    """fmnist: build data/{train,test} from the idx files when missing (seconds)."""
+    if all((data / s / "manifest.json").is_file() for s in ("train", "test")):
+        return
+    if args.dataset != "fmnist":
+        for split in ("train", "test"):
+            if not (data / split / "manifest.json").is_file():
+                dcscale(["shards", args.dataset, "--split", split, "--out", str(data / split)], out_log)
+        return
+    idx = Path(args.idx)
+    if not (idx / "train-images-idx3-ubyte.gz").is_file() and not (idx / "train-images-idx3-ubyte").is_file():
+        raise SystemExit(f"deep_dive: error: no Fashion-MNIST idx files in {idx}: `make data-fmnist` installs them "
+                         f"(Debian's dataset-fashion-mnist), or pass --idx DIR (a folder with train-images-idx3-ubyte"
+                         f"[.gz] and the three other files)")
+    for split in ("train", "test"):
+        if not (data / split / "manifest.json").is_file():
+            dcscale(["shards", "fashion-mnist", str(idx), "--split", split, "--out", str(data / split)], out_log)
+
+
+def points_main(args) -> int:
+    import deep_dive_points as ddp
+    import deep_dive_report
+
+    from dcscale.errors import DcscaleError
+
+    fmnist = args.dataset == "fmnist"
+    config = Path(args.config or PAPER_CONFIGS.get(args.dataset, DEFAULT_CONFIG)).resolve()
+    results_dir = Path(args.results or ROOT / "docs" / "results" / args.dataset).resolve()
+    runs = Path(args.runs or ROOT / "runs" / "deep_dive" / "points" / args.dataset).resolve()
+    data = Path(args.data or ROOT / "data" / args.dataset).resolve()
+    sizes = SIZES[args.mode]
+    try:
+        ensure_data(args, data, runs / "shards.log")
+        common = [f"data.train={data / 'train'}", f"data.test={data / 'test'}",
+                  *DATASET_OVERRIDES.get(args.dataset, []), *RUN_OVERRIDES, "data.workers=0",
+                  *([f"train.cycles={sizes.cycles}"] if sizes.cycles else []), *args.set]
+        cfg = load_config(config, common)
+        classes = json.loads((data / "train" / "manifest.json").read_text())["num_classes"]
+        plan = points_plan(args.mode, cfg.cluster.k, classes)
+        probe = {"protocol": "deepdive", "layer": "conv2", "epochs": sizes.probe_epochs}
+        expected = ddp.fingerprint(config, common, data, probe, args.nproc)
+        results = ddp.Results(results_dir, expected)
+        points = plan.points()
+        if not args.report_only:
+            runner = ddp.Runner(config, data, runs, common, probe_args(sizes), nproc=args.nproc,
+                                env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+            until = time.time() + 3600 * args.hours if args.hours else None
+            ran, missing = ddp.run_plan(points, results, runner, args.max_points, until)
+        else:
+            ran, missing = 0, sum(1 for pt in points if results.load(pt) is None)
+        flags = f"{' --' + args.mode if args.mode != 'full' else ''} --dataset {args.dataset}"
+        rel = config.relative_to(ROOT) if config.is_relative_to(ROOT) else config
+        writeup = results_dir.parent / f"{results_dir.name}.md"
+        text = deep_dive_report.build(plan, points, results, args.dataset, str(rel),
+                                      f"python tools/reproduce_deep_dive.py{flags}", results_dir / "figures",
+                                      f"{results_dir.name}/figures")
+        writeup.write_text(text)
+    except (ddp.ResultsError, DcscaleError) as err:
+        print(f"deep_dive: error: {err}", file=sys.stderr)
+        return 2
+    print(f"deep_dive: ran {ran} point(s), {missing} still to run; results in {results_dir}, write-up {writeup}")
     return 0
 
 

@@ -120,10 +120,18 @@ def train(cfg: Config) -> dict:
     history = []
     while state.cycle < cfg.train.cycles:
         cycle = state.cycle
-        clustering = cfg.cluster.halt_after is None or cycle < cfg.cluster.halt_after or state.labels is None
+        supervised = cfg.cluster.labels == "ground_truth"
+        clustering = not supervised and (cfg.cluster.halt_after is None or cycle < cfg.cluster.halt_after
+                                          or state.labels is None)
         if not state.clustered_this_cycle:
             state.cycle_metrics = {"cycle": cycle, "clustered": clustering}
-            if clustering:
+            if supervised and state.labels is None:  # the classes stand in for cycle 0's pseudo-labels
+                state.labels = shards.labels().astype(np.int32)
+                state.cycle_metrics.update({"t_extract": 0.0, "t_pca": 0.0, "t_kmeans": 0.0, "t_assign": 0.0,
+                                            "objective": None})
+                model.reset_head(cfg.cluster.k, generator=torch.Generator().manual_seed(cycle_seed(cfg.seed, cycle)))
+                model.head.to(env.device)
+            elif clustering:
                 new_labels, skipped, cluster_metrics, montage = cluster_cycle(model, shards, eval_tf, env, cfg, cycle,
                                                                               montage_due(cfg, cycle))
                 state.prev_labels, state.labels = (state.labels if env.is_main else None), new_labels
@@ -235,6 +243,14 @@ def check_clusterable(cfg: Config, model, shards: ShardSet) -> None:
     c, n = cfg.cluster, len(shards)
     if n == 0:
         raise DcscaleError(f"{shards.root}: the shard set is empty")
+    if c.labels == "ground_truth":
+        classes = shards.manifest.num_classes
+        if not shards.manifest.has_labels or classes is None:
+            raise DcscaleError(f"cluster.labels = 'ground_truth' needs a labelled shard set with a class count; "
+                               f"{shards.root} has none")
+        if c.k != classes:
+            raise DcscaleError(f"cluster.labels = 'ground_truth': cluster.k = {c.k} must be the {classes} classes "
+                               f"of {shards.root} (the head predicts them); set cluster.k={classes}")
     if c.pca_dim is not None and c.pca_dim > model.feature_dim:
         raise DcscaleError(f"cluster.pca_dim = {c.pca_dim} is more than the {model.feature_dim} "
                            f"feature dimensions of {cfg.model.arch}; use at most {model.feature_dim}, or null")

@@ -1,0 +1,388 @@
+"""The Deep Dive's analyses as a list of small, resumable points, each kept as one JSON file.
+
+`tools/reproduce_deep_dive.py --dataset fmnist` (or any dataset with `--results DIR`) runs through this
+module. A point is one unit of work that finishes on its own: an IA batch (`dcscale ia` over a few seeds
+and every K of the plan), one training run and its probe, the probe of an untrained network, or one run
+of the same network trained on the true labels (the ceiling). Its result goes to RESULTS/<kind>/<name>.json,
+written atomically once the point is complete, with the settings it was measured under (its
+"fingerprint"). A re-run skips every point whose file is there, so a reproduction interrupted anywhere
+continues from what was committed, on any machine; a file measured under other settings is refused with
+one line naming the differing keys, never mixed into a table. A run that died (its run directory has
+checkpoints but its JSON was never written) is continued from its last checkpoint (dcscale's resume is
+bit-exact) or, if that fails, run again from scratch; it is tabulated only once finished. Tables, figures
+and the write-up are generated from the JSON files alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dcscale.config import config_to_dict, format_value, load_config
+
+FORMAT = 1  # of the point files; bump when a field's meaning changes
+# Keys that change how fast or where a run goes, never what it computes (or that the point itself varies)
+NOT_FINGERPRINTED = ("output.", "resume", "data.train", "data.test", "data.workers", "data.extract_batch_size",
+                     "dist.", "checkpoint.", "eval.knn", "cluster.wait_timeout_min", "seed", "cluster.k",
+                     "cluster.halt_after", "cluster.pca_dim", "cluster.labels")
+CLUSTER_PHASES = ("t_extract", "t_pca", "t_kmeans", "t_assign")
+
+
+class ResultsError(Exception):
+    """One line for the user: a results folder that cannot be used as it is."""
+
+
+# ---- the plan -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Point:
+    kind: str  # ia | train | untrained | supervised
+    values: tuple  # sorted (key, value) pairs: what this point varies
+
+    @property
+    def v(self) -> dict:
+        return dict(self.values)
+
+    @property
+    def name(self) -> str:
+        v = self.v
+        if self.kind == "ia":
+            return f"k{'-'.join(map(str, v['ks']))}_seeds{v['first_seed']:03d}-{v['first_seed'] + v['seeds'] - 1:03d}"
+        if self.kind == "untrained":
+            return f"untrained_seed{v['seed']}"
+        if self.kind == "supervised":
+            return f"supervised_seed{v['seed']}"
+        halt = "never" if v["halt"] is None else v["halt"]
+        pca = "none" if v["pca"] is None else v["pca"]
+        return f"k{v['k']}_halt-{halt}_pca-{pca}_seed{v['seed']}"
+
+    @property
+    def file(self) -> str:
+        return f"{self.kind}/{self.name}.json"
+
+
+def ia_point(ks, first_seed: int, seeds: int) -> Point:
+    return Point("ia", (("first_seed", first_seed), ("ks", tuple(ks)), ("seeds", seeds)))
+
+
+def train_point(k: int, seed: int, halt: int | None = None, pca: int | None = None) -> Point:
+    return Point("train", (("halt", halt), ("k", k), ("pca", pca), ("seed", seed)))
+
+
+def ref_point(kind: str, seed: int) -> Point:
+    return Point(kind, (("seed", seed),))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a reproduction measures, in the order it runs (the most telling points first, so that an
+    interrupted reproduction has filled the tables that matter most)."""
+    k0: int  # the config's K: the halting, PCA and seed analyses run at it
+    ia_ks: tuple[int, ...]  # IA and accuracy against K
+    ia_seeds_per_k: int  # IA inits for every K of ia_ks
+    ia_dist_seeds: int  # IA inits at k0 (the distribution)
+    ia_batch: int  # seeds per IA point
+    seeds: tuple[int, ...]  # training runs per row of the K, halting and PCA tables
+    halts: tuple[int, ...]  # halt_after values besides never
+    pcas: tuple[int, ...]  # pca_dim values besides none
+    ia_acc_seeds: tuple[int, ...]  # runs at k0 whose IA is set against their accuracy
+    ref_seeds: tuple[int, ...]  # untrained and supervised reference rows
+    classes: int  # the dataset's class count (the supervised run's K)
+
+    def points(self) -> list[Point]:
+        first, rest = self.seeds[0], self.seeds[1:]
+        ia_k = [ia_point(self.ia_ks, s, self.ia_batch) for s in range(0, self.ia_seeds_per_k, self.ia_batch)]
+        ia_dist = [ia_point((self.k0,), s, self.ia_batch)
+                   for s in range(self.ia_seeds_per_k, self.ia_dist_seeds, self.ia_batch)]
+        plan = [*ia_k, ref_point("untrained", self.ref_seeds[0]), train_point(self.k0, first),
+                train_point(self.k0, first, halt=1), ref_point("supervised", self.ref_seeds[0]), *ia_dist]
+        plan += [train_point(self.k0, first, halt=h) for h in self.halts if h != 1]
+        for s in rest:  # the halting table's error bars
+            plan += [train_point(self.k0, s), *(train_point(self.k0, s, halt=h) for h in self.halts)]
+        plan += [train_point(k, s) for k in self.ia_ks if k != self.k0 for s in self.seeds]
+        plan += [train_point(self.k0, s, pca=p) for p in self.pcas for s in self.seeds]
+        plan += [train_point(self.k0, s) for s in self.ia_acc_seeds if s not in self.seeds]
+        plan += [ref_point(kind, s) for s in self.ref_seeds[1:] for kind in ("untrained", "supervised")]
+        seen, ordered = set(), []
+        for p in plan:
+            if p not in seen:
+                seen.add(p)
+                ordered.append(p)
+        return ordered
+
+
+# ---- fingerprints ---------------------------------------------------------------------------------------
+
+def data_identity(shard_dir: Path) -> dict:
+    """What the data is, not where: the manifest's shards (names, counts, bytes), size, classes, shape."""
+    raw = json.loads((shard_dir / "manifest.json").read_text())
+    shards = [[s["name"], s["count"], s.get("size")] for s in raw["shards"]]
+    digest = hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
+    return {"n": raw.get("total", sum(s[1] for s in shards)), "num_classes": raw.get("num_classes"),
+            "source": raw.get("source"), "shards_sha": digest}
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def fingerprint(config: Path, overrides: list[str], data: Path, probe: dict, world_size: int) -> dict:
+    """The settings a point's number depends on, besides what the point itself varies."""
+    cfg = flatten(config_to_dict(load_config(config, overrides)))
+    kept = {k: v for k, v in cfg.items() if not any(k == n or (n.endswith(".") and k.startswith(n))
+                                                    for n in NOT_FINGERPRINTED)}
+    return {"format": FORMAT, "config": kept, "train_data": data_identity(data / "train"),
+            "test_data": data_identity(data / "test"), "probe": probe, "world_size": world_size}
+
+
+def differences(stored: dict, expected: dict) -> list[str]:
+    a, b = flatten(stored), flatten(expected)
+    return [f"{k} {json.dumps(a.get(k))} (expected {json.dumps(b.get(k))})"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+# ---- the results folder ---------------------------------------------------------------------------------
+
+class Results:
+    """RESULTS/<kind>/<name>.json, one per finished point; every file checked against the expected
+    fingerprint before it is trusted."""
+
+    def __init__(self, root: Path, expected: dict):
+        self.root, self.expected = root, expected
+
+    def path(self, point: Point) -> Path:
+        return self.root / point.file
+
+    def load(self, point: Point) -> dict | None:
+        path = self.path(point)
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            stored_fp, values = data["fingerprint"], data["values"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ResultsError(f"{path}: not a result file of this tool ({err}); move it away to re-run the point")
+        diff = differences(stored_fp, self.expected)
+        if diff:
+            raise ResultsError(f"{path} was measured under other settings: {'; '.join(diff[:4])}"
+                               f"{' ...' if len(diff) > 4 else ''}; move it away (or re-run with those settings)")
+        if values != _jsonable(point.v):
+            raise ResultsError(f"{path}: its values {values} are not this point's {_jsonable(point.v)}")
+        return data
+
+    def stray_files(self, points: list[Point]) -> list[Path]:
+        """Result files in the folder that no point of the plan owns (checked too: never silently ignored)."""
+        owned = {self.path(p) for p in points}
+        return sorted(p for p in self.root.glob("*/*.json") if p not in owned)
+
+    def save(self, point: Point, result: dict, measured: dict) -> None:
+        path = self.path(point)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {"point": point.name, "kind": point.kind, "values": _jsonable(point.v),
+                "fingerprint": self.expected, "result": result, "measured": measured}
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, path)  # a point is there whole or not at all
+
+
+def _jsonable(v):
+    return json.loads(json.dumps(v))
+
+
+# ---- running one point ----------------------------------------------------------------------------------
+
+@dataclass
+class Runner:
+    """Runs points as `dcscale` subprocesses (under torchrun for nproc > 1) in RUNS/<kind>/<name>/."""
+    config: Path
+    data: Path
+    runs: Path
+    common: list[str]  # overrides for every command
+    probe_args: list[str]
+    nproc: int = 1
+    env: dict = field(default_factory=dict)
+
+    def _dcscale(self, args: list[str], log: Path, distributed: bool = False) -> int:
+        if distributed and self.nproc > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                   str(self.nproc), "-m", "dcscale", *args]
+        else:
+            cmd = [sys.executable, "-m", "dcscale", *args]
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as f:
+            f.write("$ " + " ".join(cmd) + "\n")
+            f.flush()
+            return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **self.env}).returncode
+
+    def _must(self, args: list[str], log: Path, distributed: bool = False) -> None:
+        code = self._dcscale(args, log, distributed)
+        if code != 0:
+            raise ResultsError(f"`dcscale {' '.join(args[:1])}` failed (exit {code}); see the end of {log}")
+
+    def run(self, point: Point) -> dict:
+        work = self.runs / point.kind / point.name
+        log = work.parent / f"{point.name}.log"
+        v = point.v
+        if point.kind == "ia":
+            if work.exists():  # a batch that died: its seeds are measured again (minutes)
+                shutil.rmtree(work)
+            self._must(["ia", "--config", str(self.config), "--vary", f"cluster.k={','.join(map(str, v['ks']))}",
+                        "--seeds", str(v["seeds"]), "--out", str(work), *self.common, f"seed={v['first_seed']}"],
+                       log, distributed=True)
+            ia = json.loads((work / "ia.json").read_text())
+            return {"n_images": ia["n_images"],
+                    "samples": [{"k": s["value"], "seed": s["seed"], "ia": s["ia"], "ia_geometric": s["ia_geometric"],
+                                 "objective": s["objective"], "empty_clusters": s["empty_clusters"]}
+                                for s in ia["samples"]]}
+        if point.kind == "untrained":
+            probe_json = work / "probe.json"
+            self._must(["probe", "--random-init", "--config", str(self.config), "--seed", str(v["seed"]),
+                        "--train", str(self.data / "train"), "--test", str(self.data / "test"),
+                        "--json", str(probe_json), *self.probe_args, *self.common], log)
+            shutil.rmtree(work / "probe_cache", ignore_errors=True)
+            return {"probe": probe_numbers(probe_json)}
+        # a training run (pseudo-labels, or the true labels) and its probe
+        overrides = [*self.common, f"seed={v['seed']}", f"output.dir={work}", "resume=auto"]
+        if point.kind == "supervised":
+            overrides += [f"cluster.k={self.classes()}", "cluster.labels=ground_truth"]
+        else:
+            overrides += [f"cluster.k={v['k']}", f"cluster.halt_after={format_value(v['halt'])}",
+                          f"cluster.pca_dim={format_value(v['pca'])}"]
+        train = ["train", "--config", str(self.config), *overrides]
+        if self._dcscale(train, log, distributed=True) != 0:
+            if not work.exists():
+                raise ResultsError(f"training failed; see the end of {log}")
+            # a run directory left by a dead run that cannot be continued (other code, a damaged
+            # checkpoint): start the point over
+            print(f"deep_dive: {point.name}: could not continue {work}; running it again from scratch", flush=True)
+            shutil.rmtree(work)
+            self._must(train, log, distributed=True)
+        probe_json = work / "probe.json"
+        self._must(["probe", "--checkpoint", str(work / "checkpoints" / "last.pt"), "--train", str(self.data / "train"),
+                    "--test", str(self.data / "test"), "--json", str(probe_json), *self.probe_args], log)
+        shutil.rmtree(work / "probe_cache", ignore_errors=True)  # tens of MB per run; the JSON keeps the numbers
+        return {"probe": probe_numbers(probe_json), **run_numbers(work)}
+
+    def classes(self) -> int:
+        return int(json.loads((self.data / "train" / "manifest.json").read_text())["num_classes"])
+
+
+def probe_numbers(path: Path) -> dict:
+    report = json.loads(path.read_text())
+    (layer, res), = report["layers"].items()
+    return {"layer": layer, "top1": res["top1"], "top5": res.get("top5"), "protocol": report.get("protocol"),
+            "settings": report.get("settings")}
+
+
+def run_numbers(run_dir: Path) -> dict:
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = metrics[-1]
+    return {"cycles": len(metrics), "clustering_cycles": sum(1 for m in metrics if m.get("clustered")),
+            "ia": metrics[0].get("nmi_gt"), "final_nmi_gt": last.get("nmi_gt"), "final_nmi_prev": last.get("nmi_prev"),
+            "nmi_prev": [m.get("nmi_prev") for m in metrics], "nmi_gt": [m.get("nmi_gt") for m in metrics],
+            "loss": [m.get("loss") for m in metrics],
+            "empty_clusters": last.get("empty_clusters"), "cluster_max": last.get("cluster_max"),
+            "time_total_s": round(sum(m.get("t_cycle") or 0.0 for m in metrics), 2),
+            "time_clustering_s": round(sum(m.get(p) or 0.0 for m in metrics for p in CLUSTER_PHASES), 2),
+            "time_train_s": round(sum(m.get("t_train") or 0.0 for m in metrics), 2)}
+
+
+def measured(wall_s: float, loads: list[float], nproc: int) -> dict:
+    import faiss
+    import torch
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "wall_s": round(wall_s, 1),
+            "load_average_mean": round(float(np.mean(loads)), 2), "cores": os.cpu_count(), "processes": nproc,
+            "threads": os.environ.get("OMP_NUM_THREADS"), "torch": torch.__version__, "faiss": faiss.__version__,
+            "python": platform.python_version(), "machine": platform.machine()}
+
+
+def run_plan(points: list[Point], results: Results, runner: Runner, max_points: int | None = None,
+             until: float | None = None, on_saved=None) -> tuple[int, int]:
+    """Runs the points that have no result yet, in order. Returns (run now, still missing)."""
+    for stray in results.stray_files(points):
+        print(f"deep_dive: note: {stray} belongs to no point of this plan (kept, not tabulated)", flush=True)
+    todo = [p for p in points if results.load(p) is None]  # also checks every finished file
+    print(f"deep_dive: {len(points) - len(todo)} of {len(points)} points already in {results.root}; "
+          f"{len(todo)} to run", flush=True)
+    done = 0
+    for point in todo:
+        if max_points is not None and done >= max_points or until is not None and time.time() > until:
+            break
+        print(f"deep_dive: running {point.file}", flush=True)
+        start, loads = time.perf_counter(), [os.getloadavg()[0]]
+        result = runner.run(point)
+        loads.append(os.getloadavg()[0])
+        results.save(point, result, measured(time.perf_counter() - start, loads, runner.nproc))
+        done += 1
+        print(f"deep_dive: saved {results.path(point)} ({time.perf_counter() - start:.0f} s)", flush=True)
+        if on_saved is not None:
+            on_saved(results.path(point))
+    return done, len(todo) - done
+
+
+# ---- statistics -----------------------------------------------------------------------------------------
+
+BOOT = 10_000
+
+
+def mean_std(x: list[float]) -> tuple[float, float]:
+    a = np.asarray(x, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else float("nan")
+
+
+def median_ci(x: list[float], seed: int = 0) -> tuple[float, float, float]:
+    """Median and the bootstrap percentile 95% interval of the median."""
+    a = np.asarray(x, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    meds = np.median(a[rng.integers(0, a.size, (BOOT, a.size))], axis=1)
+    lo, hi = np.percentile(meds, [2.5, 97.5])
+    return float(np.median(a)), float(lo), float(hi)
+
+
+def spearman_ci(x: list[float], y: list[float], seed: int = 0) -> dict:
+    """Spearman's rho, its p-value and a bootstrap 95% interval (pairs resampled)."""
+    from scipy import stats
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.size < 4 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {"n": int(x.size), "rho": None, "p": None, "lo": None, "hi": None}
+    rho, p = stats.spearmanr(x, y)
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(2000):
+        i = rng.integers(0, x.size, x.size)
+        if np.ptp(x[i]) > 0 and np.ptp(y[i]) > 0:
+            boot.append(stats.spearmanr(x[i], y[i])[0])
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"n": int(x.size), "rho": float(rho), "p": float(p), "lo": float(lo), "hi": float(hi)}
+
+
+def diff_ci(a: list[float], b: list[float], seed: int = 0) -> tuple[float, float, float]:
+    """mean(a) - mean(b) and a bootstrap 95% interval (each group resampled)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    d = a[rng.integers(0, a.size, (BOOT, a.size))].mean(1) - b[rng.integers(0, b.size, (BOOT, b.size))].mean(1)
+    lo, hi = np.percentile(d, [2.5, 97.5])
+    return float(a.mean() - b.mean()), float(lo), float(hi)
+
+
+def is_finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
