@@ -131,6 +131,7 @@ def train(cfg: Config) -> dict:
                                             "objective": None})
                 model.reset_head(cfg.cluster.k, generator=torch.Generator().manual_seed(cycle_seed(cfg.seed, cycle)))
                 model.head.to(env.device)
+                written_by_main(run_dir, lambda: atomic_write(run_dir / "labels.npy", lambda f: np.save(f, state.labels)))
             elif clustering:
                 new_labels, skipped, cluster_metrics, montage = cluster_cycle(model, shards, eval_tf, env, cfg, cycle,
                                                                               montage_due(cfg, cycle))

@@ -1,0 +1,126 @@
+"""tools/reproduce_deep_dive.py point by point (--results): every finished point is one JSON file, a re-run
+continues from the files already there (as a new session does from committed results), a file measured
+under other settings is refused with one line naming them, and a point whose run died is finished, never
+tabulated half-done."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "reproduce_deep_dive.py"
+sys.path.insert(0, str(ROOT / "tools"))
+
+import deep_dive_points as ddp  # noqa: E402
+
+
+def tool(tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TOOL), "--tiny", "--dataset", "digits", "--results", str(tmp / "results"),
+                           "--runs", str(tmp / "runs"), "--data", str(tmp / "data"), *extra],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def files(tmp: Path) -> list[str]:
+    return sorted(str(p.relative_to(tmp / "results")) for p in (tmp / "results").glob("*/*.json"))
+
+
+def test_plan_orders_points_once_most_telling_first():
+    plan = ddp.Plan(k0=5, ia_ks=(5, 7, 10, 20), ia_seeds_per_k=20, ia_dist_seeds=100, ia_batch=10, seeds=(0, 1, 2),
+                    halts=(1, 10, 30), pcas=(40, 60), ia_acc_seeds=tuple(range(10)), ref_seeds=(0, 1, 2), classes=10)
+    points = plan.points()
+    names = [p.file for p in points]
+    assert len(names) == len(set(names))
+    assert names[:6] == ["ia/k5-7-10-20_seeds000-009.json", "ia/k5-7-10-20_seeds010-019.json",
+                         "untrained/untrained_seed0.json", "train/k5_halt-never_pca-none_seed0.json",
+                         "train/k5_halt-1_pca-none_seed0.json", "supervised/supervised_seed0.json"]
+    ia = [p for p in points if p.kind == "ia"]
+    assert sum(p.v["seeds"] for p in ia if 5 in p.v["ks"]) == 100  # the distribution at K=5
+    assert all(sum(p.v["seeds"] for p in ia if k in p.v["ks"]) == 20 for k in (7, 10, 20))
+    train = [p.v for p in points if p.kind == "train"]
+    for halt in (1, 10, 30, None):  # the halting table: 3 seeds a row
+        assert sorted(v["seed"] for v in train if v["halt"] == halt and v["pca"] is None and v["k"] == 5) == \
+            ([0, 1, 2] if halt is not None else list(range(10)))
+    assert sum(1 for p in points if p.kind in ("untrained", "supervised")) == 6
+
+
+@pytest.mark.timeout(900)
+def test_reproduction_continues_from_its_results_and_refuses_foreign_ones(tmp_path):
+    # 1. a first session measures two points, and leaves the rest pending in the write-up
+    first = tool(tmp_path, "--max-points", "2")
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    assert files(tmp_path) == ["ia/k5-10_seeds000-001.json", "untrained/untrained_seed0.json"]
+    ia = json.loads((tmp_path / "results" / "ia" / "k5-10_seeds000-001.json").read_text())
+    assert [(s["k"], s["seed"]) for s in ia["result"]["samples"]] == [(5, 0), (10, 0), (5, 1), (10, 1)]
+    assert ia["fingerprint"]["config"]["train.cycles"] == 2 and ia["fingerprint"]["train_data"]["n"] == 1437
+    writeup = (tmp_path / "results.md").read_text()
+    assert "| untrained (random init) |" in writeup and "pending" in writeup
+
+    # 2. the next session (only the files are left) skips them and runs the next point of the plan
+    import shutil
+    shutil.rmtree(tmp_path / "runs")
+    second = tool(tmp_path, "--max-points", "1")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "2 of 8 points already" in second.stdout
+    trained = tmp_path / "results" / "train" / "k5_halt-never_pca-none_seed0.json"
+    assert "train/k5_halt-never_pca-none_seed0.json" in files(tmp_path) and len(files(tmp_path)) == 3
+    row = json.loads(trained.read_text())["result"]
+    assert row["cycles"] == 2 and row["clustering_cycles"] == 2 and 0 < row["probe"]["top1"] <= 1
+    assert row["time_total_s"] > 0 and len(row["nmi_gt"]) == 2
+
+    # 3. a run that died: its JSON was never written and its last checkpoint is damaged; the point is run
+    # again and gives the same numbers (nothing half-done is tabulated)
+    trained.unlink()
+    (tmp_path / "runs" / "train" / "k5_halt-never_pca-none_seed0" / "checkpoints" / "last.pt").write_bytes(b"junk")
+    for ckpt in (tmp_path / "runs" / "train" / "k5_halt-never_pca-none_seed0" / "checkpoints").glob("*.pt"):
+        ckpt.write_bytes(b"junk")
+    third = tool(tmp_path, "--max-points", "1")
+    assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-2000:]
+    again = json.loads(trained.read_text())["result"]
+    assert again["probe"]["top1"] == row["probe"]["top1"] and again["nmi_gt"] == row["nmi_gt"]
+
+    # 4. a result measured under another setting is refused, naming the key, and never tabulated
+    before = (tmp_path / "results.md").read_text()
+    data = json.loads(trained.read_text())
+    data["fingerprint"]["config"]["train.lr"] = 0.5
+    trained.write_text(json.dumps(data))
+    refused = tool(tmp_path, "--report-only")
+    assert refused.returncode == 2
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.lr 0.5" in lines[0] and "k5_halt-never_pca-none_seed0.json" in lines[0]
+    assert (tmp_path / "results.md").read_text() == before
+
+    # 5. so is a file that is not a result of this tool
+    trained.write_text("{not json")
+    broken = tool(tmp_path, "--report-only")
+    assert broken.returncode == 2 and "not a result file of this tool" in broken.stderr
+
+
+def test_unknown_dataset_is_one_line():
+    done = subprocess.run([sys.executable, str(TOOL), "--dataset", "cifar100"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert done.returncode == 2 and "invalid choice: 'cifar100'" in done.stderr
+
+
+def test_missing_idx_files_say_how_to_get_them(tmp_path):
+    done = subprocess.run([sys.executable, str(TOOL), "--dataset", "fmnist", "--idx", str(tmp_path / "none"),
+                           "--data", str(tmp_path / "data"), "--results", str(tmp_path / "r"), "--runs",
+                           str(tmp_path / "runs")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode != 0 and "make data-fmnist" in done.stderr and "--idx" in done.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_statistics_helpers():
+    med, lo, hi = ddp.median_ci([0.30, 0.35, 0.38, 0.40, 0.41, 0.39, 0.37])
+    assert med == 0.38 and lo <= med <= hi and lo >= 0.30 and hi <= 0.41
+    r = ddp.spearman_ci([1, 2, 3, 4, 5, 6], [2, 4, 6, 8, 10, 12])
+    assert r["rho"] == pytest.approx(1.0) and r["hi"] == pytest.approx(1.0)
+    assert ddp.spearman_ci([1, 2, 3], [3, 2, 1])["rho"] is None  # too few points to say anything
+    d, lo, hi = ddp.diff_ci([0.80, 0.81, 0.82], [0.78, 0.79, 0.80])
+    assert d == pytest.approx(0.02) and lo <= d <= hi
