@@ -32,8 +32,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     wanted = sys.argv[1] if len(sys.argv) > 1 else None
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        # Import only the module whose subcommand is asked for (or all of them for --help).
-        if wanted in (name, None, "-h", "--help"):
+        # Import only the module whose subcommand is asked for: `dcscale --help` lists the subcommands
+        # without importing any of them (torch alone takes seconds to import).
+        if wanted == name:
             module = importlib.import_module(module_name)
             module.add_arguments(sp)
             modules[name] = module
