@@ -1,7 +1,7 @@
 """The phases of one DeepCluster cycle across ranks: extract -> reduce -> cluster -> assign -> train.
 
 Each phase takes explicit inputs and returns explicit outputs; `dcscale.train.loop` calls them in
-order. Data flow (see DESIGN.md): every rank works on its own contiguous slice of the shard set; only
+order. Data flow (see docs/design.md): every rank works on its own contiguous slice of the shard set; only
 the PCA sample travels to rank 0 and the PCA matrix back; k-means all-reduces K x (d + 1) sums per
 iteration (cluster.kmeans: distributed; with "rank0" the training rows, at most
 cluster.max_train_rows, travel to rank 0 and the centroids back); the N-long label array is
