@@ -1,5 +1,5 @@
 """tools/bench_scale.py: its memory attribution at phase boundaries, and a tiny end-to-end run under
-torchrun at W = 1 and 2 (so that the benchmark behind the README's scaling figures cannot rot)."""
+torchrun at W = 1 and 2 (so that the benchmark behind docs/scaling.md's figures cannot rot)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ and, once, faiss k-means of --kmeans-n x --kmeans-d rows into --kmeans-k centroi
 sees when it has GPU support). Also the JPEG decode rate of one CPU core, which says how many cores
 per GPU the extraction needs to keep up with the forward pass. Prints one table and writes a JSON.
 
-    python tools/bench_gpu.py --json bench_gpu.json                 # the README's GPU table
+    python tools/bench_gpu.py --json bench_gpu.json                 # the GPU table of docs/benchmarks.md
     python tools/bench_gpu.py --images 8 --image-size 64 --batch 4 --steps 2 --warmup 1 \\
         --kmeans-n 2000 --kmeans-d 16 --kmeans-k 10 --kmeans-iter 2 --k 10 --workers 0   # tiny, CPU
 """

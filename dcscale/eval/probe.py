@@ -16,7 +16,7 @@
   body runs on every augmented batch; nothing is cached), centre crop or `--ten-crop` at test.
 
 Each protocol's numbers and the reference lines they come from are in REFERENCE_SETTINGS below and
-in the README (Evaluation and analysis). Reports top-1/top-5 on the test set, one line per layer,
+in docs/evaluation.md. Reports top-1/top-5 on the test set, one line per layer,
 and a JSON file that records the protocol and every setting it ran with.
 
     dcscale probe --checkpoint runs/x/checkpoints/last.pt --train data/t --test data/v --layer all
