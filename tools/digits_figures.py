@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""The README's digits numbers, measured again in one command: the demo's output, IA and probe tables.
+"""The digits numbers of docs/evaluation.md, measured again in one command: the demo's output, IA and
+probe tables.
 
-    .venv/bin/python tools/digits_figures.py --readme README.md      # measure and rewrite the README
-    .venv/bin/python tools/digits_figures.py                         # measure and print the markdown
+    .venv/bin/python tools/digits_figures.py --doc            # measure and rewrite docs/evaluation.md
+    .venv/bin/python tools/digits_figures.py --doc FILE.md    # ... or another file with the blocks
+    .venv/bin/python tools/digits_figures.py                  # measure and print the markdown
 
 1. The demo, as `make demo` runs it (configs/digits_demo.yaml under torchrun with 2 processes,
    OMP_NUM_THREADS=1), in OUT/demo: its last cycle line, NMI curves and summary line.
@@ -13,7 +15,7 @@
    the demo run.
 The digits shard sets are built in OUT/data as `make demo` builds them, unless --data names a
 directory holding train/ and test/. A step whose output is already in OUT is not run again:
-remove OUT to measure everything afresh. With --readme, each block between
+remove OUT to measure everything afresh. With --doc (alias --readme), each block between
 `<!-- digits_figures:NAME -->` and `<!-- /digits_figures:NAME -->` (NAME: demo, ia, probe) is
 replaced; otherwise the blocks are printed.
 """
@@ -31,7 +33,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "digits_demo.yaml"
-DEMO_RUN_DIR = "runs/digits_demo"  # where `make demo` writes: the paths the README shows
+DEMO_RUN_DIR = "runs/digits_demo"  # where `make demo` writes: the paths the docs show
+DOC = ROOT / "docs" / "evaluation.md"  # the page that holds the digits_figures blocks
+BLOCKS = ("demo", "ia", "probe")
 
 
 def dcscale(*args: str, nproc: int = 1, log: Path | None = None) -> None:
@@ -137,21 +141,51 @@ def probe_block(out: Path, train: Path, test: Path, checkpoint: Path, demo_rows:
     return "\n".join(lines) + "\n" + text
 
 
-def replace_blocks(text: str, blocks: dict[str, str], tag: str = "digits_figures") -> str:
+def replace_blocks(text: str, blocks: dict[str, str], tag: str = "digits_figures", where: str = "the file") -> str:
     """Replace the body of every `<!-- TAG:NAME -->` ... `<!-- /TAG:NAME -->` block (TAG: the tool's name)."""
     for name, body in blocks.items():
         pattern = re.compile(rf"(<!-- {tag}:{name} -->\n).*?(<!-- /{tag}:{name} -->)", re.S)
         if not pattern.search(text):
-            raise SystemExit(f"{tag}: error: no <!-- {tag}:{name} --> block in the README")
+            raise SystemExit(f"{tag}: error: no <!-- {tag}:{name} --> block in {where}")
         text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
     return text
+
+
+def add_doc_option(parser: argparse.ArgumentParser, default: Path) -> None:
+    """--doc [PATH]: rewrite the tool's marked blocks in PATH (without PATH: the docs page that holds them);
+    --readme PATH is the same option under its old name."""
+    rel = default.relative_to(ROOT)
+    parser.add_argument("--doc", "--readme", dest="doc", nargs="?", const=str(default), default=None, metavar="PATH",
+                        help=f"rewrite the marked blocks of PATH (default: {rel}); without --doc, print them")
+
+
+def _replaced(path: Path, blocks: dict[str, str], tag: str) -> str:
+    """`path`'s text with the blocks replaced; a file that cannot be read or lacks a block is one line, exit 2."""
+    try:
+        return replace_blocks(path.read_text(), blocks, tag=tag, where=str(path))
+    except OSError as err:
+        message = f"{tag}: error: cannot read {path}: {err.strerror}"
+    except SystemExit as err:
+        message = str(err)
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_blocks(path: Path, names: tuple[str, ...], tag: str = "digits_figures") -> None:
+    """Before any measuring: `path` holds every block the tool will rewrite."""
+    _replaced(path, dict.fromkeys(names, ""), tag)
+
+
+def rewrite_blocks(path: Path, blocks: dict[str, str], tag: str = "digits_figures") -> None:
+    """Replace the blocks in `path` in place (nothing written unless every one is there)."""
+    path.write_text(_replaced(path, blocks, tag))
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/digits_figures")
     p.add_argument("--data", default=None, help="directory with train/ and test/ digits shard sets")
-    p.add_argument("--readme", default=None, help="rewrite the marked blocks of this README (else print them)")
+    add_doc_option(p, DOC)
     p.add_argument("--seeds", type=int, default=20)
     p.add_argument("--ks", default="10,50,100")
     p.add_argument("--nproc", type=int, default=2, help="processes of the demo run (as `make demo`)")
@@ -159,6 +193,8 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for the demo run and IA (e.g. train.cycles=2 for a quick try)")
     args = p.parse_args()
+    if args.doc:
+        check_blocks(Path(args.doc), BLOCKS)
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -170,10 +206,9 @@ def main() -> int:
         "ia": ia_block(out / "ia", train, args.seeds, args.ks, args.set),
         "probe": probe_block(out / "probe", train, test, out / "demo" / "checkpoints" / "last.pt", rows, probe_args),
     }
-    if args.readme:
-        readme = Path(args.readme)
-        readme.write_text(replace_blocks(readme.read_text(), blocks))
-        print(f"digits_figures: rewrote the demo, ia and probe blocks of {readme}")
+    if args.doc:
+        rewrite_blocks(Path(args.doc), blocks)
+        print(f"digits_figures: rewrote the demo, ia and probe blocks of {args.doc}")
     else:
         for name, body in blocks.items():
             print(f"\n<!-- digits_figures:{name} -->\n{body}\n<!-- /digits_figures:{name} -->")

