@@ -1,5 +1,5 @@
 """`dcscale report`: PNGs from a run's metrics.jsonl and of its clusters, readable panels; the IA and
-sweep plots; the README's digits blocks that tools/digits_figures.py rewrites."""
+sweep plots; the digits blocks of docs/evaluation.md that tools/digits_figures.py rewrites."""
 
 import importlib.util
 import json
@@ -109,15 +109,17 @@ def test_binary_tail_is_one_line_not_a_traceback(tmp_path, capsys):
                    f"run again"]
 
 
-def test_readme_digits_blocks_are_rewritten_in_place():
-    """`tools/digits_figures.py --readme README.md` finds the demo, IA and probe blocks and replaces only them."""
+def test_docs_digits_blocks_are_rewritten_in_place():
+    """`tools/digits_figures.py --doc` finds the demo, IA and probe blocks of docs/evaluation.md and replaces
+    only them."""
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("digits_figures", root / "tools" / "digits_figures.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    readme = (root / "README.md").read_text()
+    page = tool.DOC.read_text()
+    assert tool.DOC == root / "docs" / "evaluation.md"
     blocks = {"demo": "```\ncycle 1 | new\n```", "ia": "| K | new |", "probe": "| features | new |"}
-    new = tool.replace_blocks(readme, blocks)
+    new = tool.replace_blocks(page, blocks)
     for name, body in blocks.items():
         assert f"<!-- digits_figures:{name} -->\n{body}\n<!-- /digits_figures:{name} -->" in new
     assert tool.replace_blocks(new, blocks) == new
@@ -125,7 +127,7 @@ def test_readme_digits_blocks_are_rewritten_in_place():
     def outside_blocks(text):
         return re.sub(r"(<!-- digits_figures:(\w+) -->\n).*?(<!-- /digits_figures:\2 -->)", r"\1\3", text, flags=re.S)
 
-    assert outside_blocks(new) == outside_blocks(readme) != new, "only the blocks' bodies change"
+    assert outside_blocks(new) == outside_blocks(page) != new, "only the blocks' bodies change"
     with pytest.raises(SystemExit, match="no <!-- digits_figures:demo --> block"):
         tool.replace_blocks("# README\n", blocks)
 

@@ -1,5 +1,5 @@
 """tools/reproduce_deep_dive.py at its smallest (--tiny, digits): real IA sampling, training sweeps and
-probes end to end, then the JSON of every number, the PNG figures, the tables and the README blocks."""
+probes end to end, then the JSON of every number, the PNG figures, the tables and the blocks of docs/deep_dive.md."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ BLOCKS = ("setup", "ia", "k", "halt", "pca", "seeds")
 
 @pytest.mark.timeout(600)
 def test_tiny_reproduction_writes_every_number_figure_and_table(tmp_path):
-    readme = tmp_path / "README.md"
-    original = (ROOT / "README.md").read_text()
-    readme.write_text(original)
+    doc = tmp_path / "deep_dive.md"
+    original = (ROOT / "docs" / "deep_dive.md").read_text()
+    doc.write_text(original)
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, str(TOOL), "--tiny", "--dataset", "digits", "--out", str(out),
-                           "--readme", str(readme)], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                           "--doc", str(doc)], capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
@@ -55,7 +55,7 @@ def test_tiny_reproduction_writes_every_number_figure_and_table(tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(r["figures"]) == 5
     tables = (out / "deep_dive.md").read_text()
-    new = readme.read_text()
+    new = doc.read_text()
     for name in BLOCKS:
         body = re.search(rf"<!-- deep_dive:{name} -->\n(.*?)<!-- /deep_dive:{name} -->", tables, re.S).group(1)
         assert body.strip() and f"<!-- deep_dive:{name} -->\n{body}<!-- /deep_dive:{name} -->" in new
