@@ -49,7 +49,7 @@ def test_a_chunk_is_read_when_asked_for_and_a_damaged_one_is_one_line(embedding,
     with pytest.raises(DcscaleError, match="cannot read chunk feats-000000001000.npy"):
         next(chunks)
     np.save(copy / "feats-000000001000.npy", np.zeros((10, 84), np.float16))  # too few rows
-    with pytest.raises(DcscaleError,
-                       match=r"holds 437 indices and features of shape \(10, 84\); embed.json lists 437 rows of 84") as err:
+    expected = r"holds 437 indices and features of shape \(10, 84\); embed.json lists 437 rows of 84"
+    with pytest.raises(DcscaleError, match=expected) as err:
         read_embeddings(copy)
     assert "\n" not in str(err.value)
