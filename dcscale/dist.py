@@ -122,6 +122,12 @@ def free_cores(interval_s: float = 0.1) -> int:
     return max(1, min(len(cpus), round(idle_share * len(cpus))))
 
 
+def free_core_share(local_processes: int) -> int:
+    """The cores one of `local_processes` processes that work at once may keep busy now: its share
+    (`core_share`), and no more than its share of the cores that are idle (`free_cores`)."""
+    return min(core_share(local_processes)[0], max(1, free_cores() // max(local_processes, 1)))
+
+
 def init_distributed(backend: str = "auto", timeout_min: float = 30.0,
                      wait_timeout_min: float = 180.0) -> DistEnv:
     """Join the process group described by the environment (or none, for a plain single process), and
