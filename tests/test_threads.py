@@ -22,8 +22,8 @@ def test_small_problems_take_one_thread_without_measuring():
 
 def test_busy_cores_are_not_counted_free():
     assert 1 <= dist.free_cores() <= usable_cores()
-    spinners = [subprocess.Popen([sys.executable, "-c", "import time\nt = time.time() + 20\nwhile time.time() < t: pass"])
-                for _ in range(usable_cores())]
+    spin = "import time\nt = time.time() + 20\nwhile time.time() < t: pass"
+    spinners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(usable_cores())]
     try:
         time.sleep(0.5)  # every core of ours now runs a spinner
         assert dist.free_cores() == 1
