@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +84,48 @@ def core_share(local_processes: int) -> tuple[int, str]:
     if task_cpus.isdigit() and int(task_cpus) > 0:
         return max(min(cores, int(task_cpus)), 1), f"SLURM_CPUS_PER_TASK={task_cpus}"
     return max(cores // max(local_processes, 1), 1), f"{cores} core(s) / {local_processes} process(es)"
+
+
+def _cpu_ticks(cpus: set[int]) -> tuple[int, int] | None:
+    """(idle, total) clock ticks of the given CPUs since boot, from /proc/stat (None where there is none)."""
+    try:
+        lines = open("/proc/stat").read().splitlines()
+    except OSError:
+        return None
+    idle = total = 0
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            ticks = [int(f) for f in fields[:8]]  # user nice system idle iowait irq softirq steal
+            idle += ticks[3] + ticks[4]
+            total += sum(ticks)
+    return idle, total
+
+
+def free_cores(interval_s: float = 0.1) -> int:
+    """The cores of this process's CPU set that are idle now: the set's idle time over `interval_s`,
+    rounded (at least 1). What another job, another helper or this run's own busy ranks take is
+    thereby left to them; a rank sleeping in a gloo collective is idle (tools/bench_threads.py wait:
+    0.2% of a core). Without /proc/stat, every usable core."""
+    from dcscale.cluster.kmeans import usable_cores
+
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:
+        return usable_cores()
+    before = _cpu_ticks(cpus)
+    time.sleep(interval_s)
+    after = _cpu_ticks(cpus)
+    if before is None or after is None or after[1] <= before[1]:
+        return usable_cores()
+    idle_share = (after[0] - before[0]) / (after[1] - before[1])
+    return max(1, min(len(cpus), round(idle_share * len(cpus))))
+
+
+def free_core_share(local_processes: int) -> int:
+    """The cores one of `local_processes` processes that work at once may keep busy now: its share
+    (`core_share`), and no more than its share of the cores that are idle (`free_cores`)."""
+    return min(core_share(local_processes)[0], max(1, free_cores() // max(local_processes, 1)))
 
 
 def init_distributed(backend: str = "auto", timeout_min: float = 30.0,
@@ -259,6 +302,19 @@ def all_reduce_array_(x: np.ndarray) -> np.ndarray:
         dist.all_reduce(on_device)
         t.copy_(on_device.cpu())
     return x
+
+
+def all_reduce_tensor_(t: torch.Tensor) -> torch.Tensor:
+    """Sum every rank's tensor `t` (same shape and dtype everywhere) into `t` itself, on every rank,
+    staged through the process group's device when `t` lives elsewhere."""
+    if not _ENV.distributed:
+        return t
+    if t.device == _comm_device():
+        dist.all_reduce(t)
+        return t
+    staged = t.to(_comm_device())
+    dist.all_reduce(staged)
+    return t.copy_(staged)
 
 
 def any_rank(flag: bool) -> bool:

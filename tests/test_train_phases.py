@@ -230,10 +230,11 @@ def test_extraction_fills_one_array_and_leaves_out_undecodable_rows(broken_shard
 
 
 @pytest.mark.parametrize("mode, kmeans_fn, kmeans_threads", [
-    ("rank0", "train_kmeans", lambda: usable_cores()),  # rank 0 alone: every core it may use
+    ("rank0", "train_kmeans", lambda: usable_cores()),  # rank 0 alone: at most every core it may use
     ("distributed", "distributed_kmeans", lambda: max(1, usable_cores() // 2)),  # all ranks at once: a share
 ])
-def test_kmeans_and_assignment_threads(monkeypatch, mode, kmeans_fn, kmeans_threads):
+@pytest.mark.parametrize("small", [True, False])
+def test_kmeans_and_assignment_threads(monkeypatch, mode, kmeans_fn, kmeans_threads, small):
     from dcscale.train import phases
 
     dist.init_distributed("gloo")
@@ -248,12 +249,17 @@ def test_kmeans_and_assignment_threads(monkeypatch, mode, kmeans_fn, kmeans_thre
     spy(kmeans_fn, getattr(phases, kmeans_fn))
     spy("assign", phases.assign)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    if not small:  # 300 x 8 x 5 counts as large: the threads the cores allow (fewer when some are busy)
+        monkeypatch.setattr(phases, "fitting_threads", lambda rows, dim, k, cores: max(1, int(cores())))
     before = faiss.omp_get_max_threads()
     z = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
     indices = np.arange(300)
     centroids, _ = phases.cluster_rows(indices, z, 300, 5, 5, None, None, seed=0, mode=mode)
     phases.assign_labels(indices, z, centroids, 300)
-    assert seen == {kmeans_fn: kmeans_threads(), "assign": max(1, usable_cores() // 2)}
+    if small:  # a second thread would not pay: one
+        assert seen == {kmeans_fn: 1, "assign": 1}
+    else:
+        assert 1 <= seen[kmeans_fn] <= kmeans_threads() and 1 <= seen["assign"] <= max(1, usable_cores() // 2)
     assert faiss.omp_get_max_threads() == before  # restored for the rest of the run
 
 

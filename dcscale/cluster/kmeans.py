@@ -7,7 +7,7 @@ those rows travel to rank 0), hence faiss's own subsampling is switched off here
 Reproducibility: with the same rows and seed, faiss's CPU k-means and assignment give bit-identical
 results whatever the number of OpenMP threads (each thread owns a fixed range of centroids when
 summing, every query row is searched on its own; tests/test_cluster.py checks 1 vs 2 threads), so
-`faiss_threads` can give these phases all the cores a rank may use. GPU faiss is deterministic for a
+`faiss_threads` can give these phases whatever cores are free (`fitting_threads`). GPU faiss is deterministic for a
 given GPU count but may differ from CPU in the last bits.
 """
 
@@ -73,6 +73,22 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # (no affinity call on macOS)
         return os.cpu_count() or 1
+
+
+# n x d x K (rows x width x centroids: one iteration's distance work) below which faiss's k-means and
+# search run on one thread: a second thread gains nothing there on a quiet machine and loses several
+# times over when another process holds a core (OpenMP's threads spin at every barrier); see
+# docs/threads.md for the measurements.
+ONE_THREAD_WORK = 1_000_000_000
+
+
+def fitting_threads(rows: int, dim: int, k: int, cores) -> int:
+    """faiss threads for k-means or a search of `rows` x `dim` against `k` centroids: one for a small
+    problem, else `cores()` (the cores this process may keep busy now; only asked when needed, as it
+    may take a measurement). Thread counts never change faiss's results (see above)."""
+    if rows * dim * k < ONE_THREAD_WORK:
+        return 1
+    return max(1, int(cores()))
 
 
 @contextmanager

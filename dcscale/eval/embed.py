@@ -7,7 +7,8 @@ transform, conv maps average-pooled to about --pool-dim values) and writes it in
 the chunk's first global index (12 digits), so the file names sort in the shard set's index order.
 Undecodable images are left out. Rank 0 writes `embed.json` last (layer, dimension, the chunks in
 order, the left-out indices): its presence marks a complete embedding. Every file is written to a
-temporary name and renamed, so none is ever half-written.
+temporary name and renamed, so none is ever half-written. `iter_embeddings` reads an embedding back one
+chunk at a time; `read_embeddings` reads it whole.
 
     dcscale embed --checkpoint runs/x/checkpoints/last.pt --shards data/train --out emb/ --layer relu5
     torchrun --standalone --nproc-per-node 8 -m dcscale embed ...    # --out on a file system every rank sees
@@ -16,6 +17,7 @@ temporary name and renamed, so none is ever half-written.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,18 +40,44 @@ def _ours(out: Path) -> list[Path]:
     return sorted(path for pattern in names for path in out.glob(pattern))
 
 
-def read_embeddings(out: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(global indices int64 [n], features float16 [n, D]) of a complete embedding, in index order."""
-    out = Path(out)
+def _summary(out: Path) -> dict:
     summary_path = out / SUMMARY
     if not summary_path.is_file():
         raise DcscaleError(f"{out}: no {SUMMARY}: not an embedding, or one that did not finish")
-    summary = json.loads(summary_path.read_text())
-    chunks = summary["chunks"]
-    if not chunks:
-        return np.zeros(0, np.int64), np.zeros((0, summary["dim"]), np.float16)
-    indices = np.concatenate([np.load(out / c["indices"]) for c in chunks])
-    feats = np.concatenate([np.load(out / c["feats"]) for c in chunks])
+    return json.loads(summary_path.read_text())
+
+
+def iter_embeddings(out: str | Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(global indices int64 [c], features float16 [c, D]) of a complete embedding, one chunk file at a
+    time, in index order: memory is one chunk (at most the embedding's --chunk-rows rows), whatever
+    the embedding's size. A chunk file that is missing or not the size embed.json lists is one line."""
+    out = Path(out)
+    summary = _summary(out)
+    for chunk in summary["chunks"]:
+        try:
+            indices = np.load(out / chunk["indices"])
+            feats = np.load(out / chunk["feats"])
+        except (OSError, ValueError) as err:
+            raise DcscaleError(f"{out}: cannot read chunk {chunk['feats']} of {SUMMARY}: {err}") from None
+        if indices.shape != (chunk["rows"],) or feats.shape != (chunk["rows"], summary["dim"]):
+            raise DcscaleError(f"{out}: chunk {chunk['feats']} holds {len(indices)} indices and features of shape "
+                               f"{tuple(feats.shape)}; {SUMMARY} lists {chunk['rows']} rows of {summary['dim']}")
+        yield indices, feats
+
+
+def read_embeddings(out: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(global indices int64 [n], features float16 [n, D]) of a complete embedding, in index order, as
+    two whole arrays: 2 D + 8 bytes per image (ImageNet at D = 4096: 10.5 GB), filled chunk by chunk
+    (no second copy). For embeddings larger than memory, loop over `iter_embeddings` instead."""
+    out = Path(out)
+    summary = _summary(out)
+    n = sum(int(c["rows"]) for c in summary["chunks"])
+    indices, feats = np.empty(n, np.int64), np.empty((n, summary["dim"]), np.float16)
+    filled = 0
+    for chunk_indices, chunk_feats in iter_embeddings(out):
+        rows = slice(filled, filled + len(chunk_indices))
+        indices[rows], feats[rows] = chunk_indices, chunk_feats
+        filled += len(chunk_indices)
     return indices, feats
 
 

@@ -129,3 +129,17 @@ def extract_labelled(fn, shardset, transform, env, batch_size: int, workers: int
     labels = gt[all_idx].astype(np.int64)
     keep = labels >= 0
     return all_feats[keep], labels[keep]
+
+
+def labelled_rows(fn, shardset, transform, env, batch_size: int, workers: int):
+    """This rank's slice only: (features float32 [n_r, D], labels int64 [n_r]) in global-index order,
+    unlabelled and undecodable samples dropped. Nothing is gathered: a rank holds its own rows."""
+    from dcscale.train.phases import extract_features
+
+    gt = shardset.labels()
+    if gt is None:
+        raise DcscaleError(f"{shardset.root}: the shard set has no labels")
+    indices, feats, _ = extract_features(fn, shardset, transform, env, batch_size, workers, "float32")
+    labels = gt[indices].astype(np.int64)
+    keep = labels >= 0
+    return np.ascontiguousarray(feats[keep], dtype=np.float32), labels[keep]

@@ -1,7 +1,7 @@
 """`dcscale probe`: linear-probe evaluation of a frozen network's layers, under one of three protocols.
 
 - `fast` (the default; ours): extract each layer's activations for the labelled train and test shard
-  sets once (sharded over ranks under torchrun, gathered on rank 0, cached as .npy), average-pool
+  sets once (sharded over ranks under torchrun, each rank keeping its own rows; cached as .npy), average-pool
   them to about `pool_dim` values, standardise with the train statistics, and train a multinomial
   logistic regression (nn.Linear + SGD with momentum, cosine schedule, the config's eval.probe_*).
   Quick, and comparable between dcscale runs, but with neither paper's numbers.
@@ -14,6 +14,10 @@
   average-pooled to about 9,600 values (their AvgPool2d table on AlexNet at 224x224), the same SGD
   and decay, batch 256, 90 epochs, a random crop + flip drawn afresh for every batch (so the frozen
   body runs on every augmented batch; nothing is cached), centre crop or `--ten-crop` at test.
+
+Under torchrun no rank gathers features: each keeps its own rows and the classifiers step on the sum
+of the ranks' gradients (LinearClassifier.step_shared), so every protocol gives one process's numbers
+up to float rounding.
 
 Each protocol's numbers and the reference lines they come from are in REFERENCE_SETTINGS below and
 in docs/evaluation.md. Reports top-1/top-5 on the test set, one line per layer,
@@ -140,11 +144,44 @@ class LinearClassifier:
         self.iteration += 1
         return logits.detach()
 
+    def step_shared(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor | None:
+        """One SGD step on a batch split over ranks, this rank holding rows (x, y) of it (maybe none).
+        The gradient of the batch's mean loss is the sum over ranks of each rank's summed-loss gradient,
+        over the batch's row count: one all-reduce of D x C + C + 1 floats (the count rides along).
+        Every rank then takes the same step, so the classifiers stay equal. Returns this rank's logits;
+        None (no step) when no rank had a row, as `step`'s callers skip an empty batch."""
+        from dcscale import dist
+
+        logits = self.linear(x)
+        self.opt.zero_grad(set_to_none=False)
+        F.cross_entropy(logits, y, reduction="sum").backward()
+        params = list(self.linear.parameters())
+        rows_here = torch.tensor([float(len(y))], device=logits.device)
+        packed = torch.cat([p.grad.reshape(-1) for p in params] + [rows_here])
+        dist.all_reduce_tensor_(packed)
+        rows = float(packed[-1])
+        if rows == 0:
+            return None
+        offset = 0
+        for p in params:
+            p.grad.copy_(packed[offset:offset + p.numel()].view_as(p.grad)).div_(rows)
+            offset += p.numel()
+        for group in self.opt.param_groups:
+            group["lr"] = _lr_at(self.settings, epoch, self.iteration)
+        self.opt.step()
+        self.iteration += 1
+        return logits.detach()
+
 
 def train_linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
                        settings: ProbeSettings, num_classes: int | None = None) -> dict:
     """Multinomial logistic regression on fixed features (standardised if settings.standardise);
-    returns top-1/top-5 on both sets."""
+    returns top-1/top-5 on both sets. Under several ranks, each passes its own rows
+    (`train_linear_probe_ranks`)."""
+    from dcscale import dist
+
+    if dist.get_env().distributed:
+        return train_linear_probe_ranks(train_x, train_y, test_x, test_y, settings, num_classes)
     if len(train_y) == 0 or len(test_y) == 0:
         raise DcscaleError("the probe needs labelled train and test samples")
     if num_classes is None:
@@ -171,6 +208,79 @@ def train_linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndar
         "test_n": int(len(yt)),
         "num_classes": int(num_classes),
     }
+
+
+def standardise_ranks(train: torch.Tensor, test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`standardise` with the statistics of every rank's train rows: the mean, then the unbiased
+    variance about it, each from one all-reduce of float64 sums (D values)."""
+    from dcscale import dist
+
+    n = dist.all_reduce_sum([len(train)])[0]
+    mean = dist.all_reduce_array_(train.double().sum(0).numpy()) / n
+    squares = dist.all_reduce_array_(((train.double() - torch.from_numpy(mean)) ** 2).sum(0).numpy())
+    mean = torch.from_numpy(mean).float()[None]
+    std = torch.from_numpy(np.sqrt(squares / max(n - 1, 1))).float().clamp_min(1e-6)[None]
+    return (train - mean) / std, (test - mean) / std
+
+
+def _rows_of_width(a: np.ndarray, width: int) -> torch.Tensor:
+    """float32 rows; a rank with none (nothing decodable) gets a [0, width] array."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return torch.from_numpy(a if len(a) else np.zeros((0, width), np.float32))
+
+
+def train_linear_probe_ranks(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                             settings: ProbeSettings, num_classes: int | None = None) -> dict:
+    """`train_linear_probe` over every rank's own rows (collective): no rank holds more than its rows.
+
+    The rows of all ranks, in rank order, form the single process's train set, and every rank draws
+    the same order of it from the seed: batch b is the same rows as in one process, each rank computes
+    the gradient of those it holds, and `step_shared` sums them. So the classifier takes the single
+    process's steps up to float rounding (the order of sums); the accuracies count over every rank.
+    The returned dict (on every rank) adds `feature_rows_by_rank`: each rank's train and test rows."""
+    from dcscale import dist
+
+    train_counts, test_counts = dist.row_counts(len(train_y)), dist.row_counts(len(test_y))
+    n, offset = sum(train_counts), sum(train_counts[:dist.get_env().rank])
+    if n == 0 or sum(test_counts) == 0:
+        raise DcscaleError("the probe needs labelled train and test samples")
+    width = int(max(dist.all_gather_rows(np.array([a.shape[1] if a.ndim == 2 and len(a) else 0
+                                                   for a in (train_x, test_x)], np.int64))))
+    if num_classes is None:
+        local_max = max([int(a.max()) for a in (train_y, test_y) if len(a)], default=0)
+        num_classes = int(max(dist.all_gather_rows(np.array([local_max], np.int64)))) + 1
+    x, xt = _rows_of_width(train_x, width), _rows_of_width(test_x, width)
+    if settings.standardise:
+        x, xt = standardise_ranks(x, xt)
+    y, yt = torch.from_numpy(train_y.astype(np.int64)), torch.from_numpy(test_y.astype(np.int64))
+    clf = LinearClassifier(width, num_classes, settings)
+    for epoch in range(settings.epochs):
+        order = torch.randperm(n, generator=clf.generator)
+        for start in range(0, n, settings.batch_size):
+            batch = order[start:start + settings.batch_size]
+            mine = batch[(batch >= offset) & (batch < offset + len(y))] - offset
+            clf.step_shared(x[mine], y[mine], epoch)
+    with torch.no_grad():
+        train_logits, test_logits = clf.linear(x), clf.linear(xt)
+    hits = dist.all_reduce_sum([_hits(test_logits, yt, 1), _hits(test_logits, yt, 5), _hits(train_logits, y, 1)])
+    return {
+        "top1": hits[0] / sum(test_counts),
+        "top5": hits[1] / sum(test_counts),
+        "train_top1": hits[2] / n,
+        "dim": width,
+        "train_n": n,
+        "test_n": sum(test_counts),
+        "num_classes": int(num_classes),
+        "feature_rows_by_rank": {"train": train_counts, "test": test_counts},
+    }
+
+
+def _hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    """Rows whose label is among their k highest logits."""
+    if len(labels) == 0:
+        return 0
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return int((top == labels[:, None]).any(dim=1).sum())
 
 
 # ---- what each protocol feeds the classifier ---------------------------------------------------------
@@ -367,10 +477,18 @@ def train_probe_online(features_fn, dims: dict[str, int], train_ss, test_ss, tra
     classifier per layer, all fed by the same forward pass. Then the test set, averaging the softmax
     over `crops` crops per image (ten-crop) as eval_linear.py does (l.290-293).
 
-    `train_top1` is the accuracy on the last epoch's augmented batches, as the references' meters."""
+    `train_top1` is the accuracy on the last epoch's augmented batches, as the references' meters.
+
+    Under several ranks, each batch is the single process's (the same order from the seed, the same
+    augmentation: it is drawn from the image's position in the epoch), rank r taking its positions
+    r, r + W, ...; the classifiers step on the sum of the ranks' gradients (`step_shared`), and every
+    rank tests on its slice of the test set, the hits summed over ranks."""
     from torch.utils.data import DataLoader
 
+    from dcscale import dist
     from dcscale.data.loaders import SeededDraws, extraction_loader
+
+    world, rank = env.world_size, env.rank
 
     gt = train_ss.labels()
     labelled = np.flatnonzero(gt >= 0)
@@ -383,24 +501,30 @@ def train_probe_online(features_fn, dims: dict[str, int], train_ss, test_ss, tra
     for epoch in range(settings.epochs):
         draws.epoch = epoch
         order = labelled[torch.randperm(len(labelled), generator=order_gen).numpy()]
-        loader = DataLoader(draws, batch_size=settings.batch_size, sampler=list(enumerate(order.tolist())),
-                            num_workers=workers, collate_fn=draws.collate)
+        if world == 1:
+            loader = DataLoader(draws, batch_size=settings.batch_size, sampler=list(enumerate(order.tolist())),
+                                num_workers=workers, collate_fn=draws.collate)
+        else:
+            shares = [[(p, int(order[p])) for p in range(start, min(start + settings.batch_size, len(order)))
+                       if p % world == rank] for start in range(0, len(order), settings.batch_size)]
+            loader = DataLoader(draws, batch_sampler=shares, num_workers=workers, collate_fn=draws.collate)
         for batch in loader:
-            if len(batch.labels) == 0:
+            if len(batch.labels) == 0 and world == 1:
                 continue
-            with torch.no_grad():
-                feats = features_fn(batch.images.to(env.device))
             y = batch.labels.to(env.device)
+            with torch.no_grad():
+                feats = (features_fn(batch.images.to(env.device)) if len(y) else
+                         {layer: torch.zeros(0, dim, device=env.device) for layer, dim in dims.items()})
             for layer, clf in classifiers.items():
-                logits = clf.step(feats[layer], y, epoch)
-                if epoch == settings.epochs - 1:
+                logits = clf.step(feats[layer], y, epoch) if world == 1 else clf.step_shared(feats[layer], y, epoch)
+                if epoch == settings.epochs - 1 and logits is not None:
                     train_correct[layer] += int((logits.argmax(1) == y).sum())
             if epoch == settings.epochs - 1:
                 train_seen += len(y)
     test_gt = test_ss.labels()
     outputs: dict[str, list] = {layer: [] for layer in dims}
     labels = []
-    loader = extraction_loader(test_ss, test_tf, rank=0, world_size=1, batch_size=batch_size,
+    loader = extraction_loader(test_ss, test_tf, rank=rank, world_size=world, batch_size=batch_size,
                                num_workers=workers, device=env.device)
     with torch.no_grad():
         for indices, images in loader:
@@ -413,6 +537,20 @@ def train_probe_online(features_fn, dims: dict[str, int], train_ss, test_ss, tra
                 outputs[layer].append(logits[(y >= 0).to(logits.device)].cpu())
             labels.append(y[y >= 0])
     yt = torch.cat(labels)
+    if world > 1:  # every rank's hits and counts, summed
+        test_n = int(dist.all_reduce_sum([len(yt)])[0])
+        if test_n == 0:
+            raise DcscaleError("the probe needs labelled train and test samples")
+        results = {}
+        for layer in dims:
+            logits = torch.cat(outputs[layer])
+            hits = dist.all_reduce_sum([_hits(logits, yt, 1), _hits(logits, yt, 5), train_correct[layer],
+                                        train_seen])
+            results[layer] = {"top1": hits[0] / test_n, "top5": hits[1] / test_n,
+                              "train_top1": hits[2] / max(hits[3], 1),
+                              "dim": dims[layer], "train_n": int(len(labelled)), "test_n": test_n,
+                              "num_classes": int(num_classes)}
+        return results
     if len(yt) == 0:
         raise DcscaleError("the probe needs labelled train and test samples")
     results = {}
@@ -427,9 +565,13 @@ def train_probe_online(features_fn, dims: dict[str, int], train_ss, test_ss, tra
 # ---- features (extracted once, cached) -------------------------------------------------------------
 
 
-def _cache_paths(cache_dir: Path, source_key: str, layer: str, split_root: Path, variant: str):
+def _cache_paths(cache_dir: Path, source_key: str, layer: str, split_root: Path, variant: str,
+                 rank: int = 0, world_size: int = 1):
+    """One process caches a split's features in one file pair; W ranks, one pair per rank (its rows)."""
     split_key = hashlib.sha1(str(split_root.resolve()).encode()).hexdigest()[:8]
     stem = f"{source_key}_{layer}_{split_root.name}-{split_key}_{variant}"
+    if world_size > 1:
+        stem += f"_rank{rank}of{world_size}"
     return cache_dir / f"{stem}.feats.npy", cache_dir / f"{stem}.labels.npy"
 
 
@@ -449,19 +591,15 @@ def source_key(kind: str, checkpoint: Path | None, cfg: Config | None, seed: int
 
 def layer_features(fn, shardset, transform, env, batch_size: int, workers: int,
                    cache: tuple[Path, Path] | None):
-    """(feats, labels) on rank 0 (None elsewhere), from the cache when present."""
+    """(feats, labels) of this rank's slice (the whole split in one process), from the cache when every
+    rank finds its own there. Nothing is gathered: under torchrun no rank holds the split's N x D."""
     from dcscale import dist
 
-    hit = False
-    if cache is not None and env.is_main:
-        hit = cache[0].is_file() and cache[1].is_file()
-    hit = dist.broadcast_object(hit)
-    if hit:
-        if not env.is_main:
-            return None, None
+    hit = cache is not None and cache[0].is_file() and cache[1].is_file()
+    if not dist.any_rank(not hit):
         return np.load(cache[0]), np.load(cache[1])
-    feats, labels = ft.extract_labelled(fn, shardset, transform, env, batch_size, workers)
-    if cache is not None and env.is_main:
+    feats, labels = ft.labelled_rows(fn, shardset, transform, env, batch_size, workers)
+    if cache is not None:
         cache[0].parent.mkdir(parents=True, exist_ok=True)
         for path, array in zip(cache, (feats, labels)):
             tmp = path.with_name(path.name + ".tmp.npy")
@@ -648,9 +786,6 @@ def run(args) -> int:
         t_start = time.perf_counter()
         results: dict[str, dict] = {}
         if plan.online:
-            if env.world_size > 1:
-                raise DcscaleError(f"--protocol {args.protocol}{' --hflip' if args.hflip else ''} runs the network "
-                                   "on every training batch in one process: run it without torchrun")
             with torch.no_grad():
                 dims = {layer: int(f.shape[1]) for layer, f in
                         plan.features_fn(torch.zeros(1, channels, size, size, device=env.device)).items()}
@@ -658,7 +793,8 @@ def run(args) -> int:
             results = train_probe_online(plan.features_fn, dims, train_ss, test_ss, plan.train_tf, plan.test_tf,
                                          settings, num_classes or gt_max + 1, env, batch_size, workers, plan.crops)
             for layer, res in results.items():
-                _print_layer(layer, res)
+                if env.is_main:
+                    _print_layer(layer, res)
         else:
             cache_dir = Path(args.cache_dir) if args.cache_dir else (
                 Path(args.json).with_name(Path(args.json).stem + "_cache") if args.json else None)
@@ -669,16 +805,16 @@ def run(args) -> int:
                 fn = plan.features_fn(layer)
                 splits = []
                 for ss in (train_ss, test_ss):
-                    cache = _cache_paths(cache_dir, key, layer, ss.root, variant) if cache_dir else None
+                    cache = (_cache_paths(cache_dir, key, layer, ss.root, variant, env.rank, env.world_size)
+                             if cache_dir else None)
                     splits.append(layer_features(fn, ss, plan.test_tf, env, batch_size, workers, cache))
-                if not env.is_main:
-                    continue
                 (tr_x, tr_y), (te_x, te_y) = splits
                 t1 = time.perf_counter()
                 res = train_linear_probe(tr_x, tr_y, te_x, te_y, settings, num_classes)
                 res.update(extract_s=round(t1 - t0, 3), train_s=round(time.perf_counter() - t1, 3))
                 results[layer] = res
-                _print_layer(layer, res)
+                if env.is_main:
+                    _print_layer(layer, res)
 
         if env.is_main:
             report = {

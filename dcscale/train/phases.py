@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from dcscale import dist
-from dcscale.cluster.kmeans import (assign, faiss_threads, search_block, train_kmeans, training_row_indices,
-                                    usable_cores)
+from dcscale.cluster.kmeans import (assign, faiss_threads, fitting_threads, search_block, train_kmeans,
+                                    training_row_indices)
 from dcscale.cluster.lloyd import distributed_kmeans
 from dcscale.cluster.pca import PCA, apply_pca, fit_pca
 from dcscale.data.loaders import extraction_loader
@@ -117,14 +117,14 @@ def cluster_rows(indices: np.ndarray, z: np.ndarray, n_total: int, k: int, niter
     Returns (centroids [K, d], the training objective). `mode` (cluster.kmeans):
     - "distributed": every rank runs Lloyd's iterations on its own training rows, on its share of its
       node's cores (or its GPU), and only K x (d + 1) sums are all-reduced per iteration;
-    - "rank0": the training rows are gathered to rank 0 and faiss's own k-means runs there on every
-      core it may use (faiss's thread count is restored after); the other ranks wait on a
-      long-timeout barrier meanwhile.
+    - "rank0": the training rows are gathered to rank 0 and faiss's own k-means runs there on the
+      cores that are free (one for a small problem; faiss's thread count is restored after); the other
+      ranks wait on a long-timeout barrier meanwhile.
     """
     chosen = training_row_indices(n_total, k, max_points_per_centroid, seed, max_train_rows)
     local = z if chosen is None else z[_rows_in(indices, chosen)]
     if mode == "distributed":
-        with faiss_threads(assign_threads()), search_block(), \
+        with faiss_threads(assign_threads(len(local), local.shape[1], k)), search_block(), \
                 Progress("k-means", niter, "iterations", dist.is_main()) as shown:
             result = distributed_kmeans(local, k, niter, seed, device=faiss_device(),
                                         on_iteration=lambda obj: shown.update(1, objective=obj))
@@ -134,7 +134,9 @@ def cluster_rows(indices: np.ndarray, z: np.ndarray, n_total: int, k: int, niter
     train_rows = dist.gather_rows_to_main(np.ascontiguousarray(local, dtype=np.float32))
     del local
     if dist.is_main():
-        with faiss_threads(usable_cores()), search_block(), Progress("k-means", niter, "iterations") as shown:
+        # the cores that are free: the other ranks sleep in the wait below (a gloo wait takes no CPU)
+        threads = fitting_threads(len(train_rows), train_rows.shape[1], k, dist.free_cores)
+        with faiss_threads(threads), search_block(), Progress("k-means", niter, "iterations") as shown:
             result = train_kmeans(train_rows, k, niter, seed, on_iteration=lambda obj: shown.update(1, objective=obj))
         centroids, objective = result.centroids, float(result.objective)
     else:
@@ -152,10 +154,11 @@ def faiss_device() -> int | None:
     return device.index if device.type == "cuda" else None
 
 
-def assign_threads() -> int:
-    """faiss threads for each rank's assignment: its share of its node's cores (all ranks assign at
-    once), the same share a rank's torch threads get when OMP_NUM_THREADS is unset."""
-    return dist.core_share(dist.local_processes())[0]
+def assign_threads(rows: int, dim: int, k: int) -> int:
+    """faiss threads for each rank's search of rows x dim against k centroids (distributed k-means,
+    assignment): one for a small problem, else its share of its node's cores (all ranks search at
+    once), no more than its share of those idle now (dist.free_core_share)."""
+    return fitting_threads(rows, dim, k, lambda: dist.free_core_share(dist.local_processes()))
 
 
 def assign_labels(indices: np.ndarray, z: np.ndarray, centroids: np.ndarray, n_total: int) -> tuple[np.ndarray, float]:
@@ -167,7 +170,8 @@ def assign_labels(indices: np.ndarray, z: np.ndarray, centroids: np.ndarray, n_t
 
 def assign_rows(z: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """This rank's rows' nearest centroids and squared distances to them (no communication)."""
-    with faiss_threads(assign_threads()), search_block():
+    threads = assign_threads(len(z), z.shape[1] if z.ndim == 2 else 0, len(centroids))
+    with faiss_threads(threads), search_block():
         return assign(np.ascontiguousarray(z, dtype=np.float32), centroids, device=faiss_device())
 
 
