@@ -152,10 +152,20 @@ def fingerprint(config: Path, overrides: list[str], data: Path, probe: dict, wor
             "test_data": data_identity(data / "test"), "probe": probe, "world_size": world_size}
 
 
+def config_defaults() -> dict:
+    from dcscale.config import Config
+
+    return {f"config.{k}": v for k, v in flatten(config_to_dict(Config())).items()}
+
+
 def differences(stored: dict, expected: dict) -> list[str]:
+    """The keys whose values differ. A config key added to dcscale after a point was measured is not a
+    difference while it keeps its default (the point was measured under that behaviour)."""
     a, b = flatten(stored), flatten(expected)
+    defaults = config_defaults()
     return [f"{k} {json.dumps(a.get(k))} (expected {json.dumps(b.get(k))})"
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            and not (k not in a and k in defaults and b.get(k) == defaults[k])]
 
 
 # ---- the results folder ---------------------------------------------------------------------------------
