@@ -66,8 +66,8 @@ def test_randomized_solver_never_forms_the_covariance(gapped, monkeypatch):
     def refuse(*_args):
         raise AssertionError("the D x D covariance was formed")
 
-    monkeypatch.setattr(pca_mod, "_covariance", refuse)
-    monkeypatch.setattr(pca_mod, "_covariance_syrk", refuse)
+    monkeypatch.setattr(pca_mod, "_scatter", refuse)
+    monkeypatch.setattr(pca_mod, "_scatter_syrk", refuse)
     assert top_eigenpairs(gapped, DIM, "cpu", "randomized").solver == "randomized"
 
 
