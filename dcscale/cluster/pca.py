@@ -11,17 +11,23 @@ sample's covariance C are computed, by one of three solvers (`fit_pca(solver=...
               d eigenpairs: equal to `full` to within float rounding.
   randomized  never forms C: block subspace iteration on the sample (Halko, Martinsson and Tropp
               2011, algorithm 4.4) with a Rayleigh-Ritz step after every pass. It stops once the
-              residual R = C V - V diag(theta) of the kept pairs has ||R||_2 <= RANDOMIZED_TOL * theta_1,
-              a bound computed, not assumed: (V, theta) are then exact eigenpairs of C' = C - R V^T -
-              V R^T, a covariance within ||R||_2 <= RANDOMIZED_TOL * ||C||_2 of the sample's; every
-              theta_i lies within ||R e_i|| of an eigenvalue of C (Kahan), and the kept subspace is
-              within an angle of asin(||R||_2 / (theta_d - lambda_{d+1})) of the top-d one (Davis-Kahan).
-              That is ten times below the sampling error of C itself (about sqrt(2 / S) ||C||_2 for S
-              = 20k sample rows). Where the spectrum is flat around d (noise), single tail components
-              are not resolved, by this solver as by any other: a new sample would move them as much.
+              residual R = C V - V diag(theta) of the kept pairs has ||R||_2 <= tol(S) * theta_1, a
+              bound computed, not assumed: (V, theta) are then exact eigenpairs of C' = C - R V^T -
+              V R^T, a covariance within ||R||_2 of the sample's; every theta_i lies within ||R e_i||
+              of an eigenvalue of C (Kahan), and the kept subspace is within an angle of
+              asin(||R||_2 / (theta_d - lambda_{d+1})) of the top-d one (Davis-Kahan).
+              The tolerance is relative to the sample's own error: tol(S) = RANDOMIZED_SAMPLE_ERROR_SHARE
+              x sqrt(2 / S). The sample's covariance is off from the population's by at least
+              sqrt(2 / S) theta_1 in the same norm (the standard error of its top eigenvalue; more with
+              the effective rank), so the solver adds at most half the sample's smallest error: a
+              second sample of S rows moves the pairs more than the solver does. Where the spectrum is
+              flat around d (ReLU features at D=4096), the tail's pairs converge slowly (the residual
+              falls as about 1 / passes) and are not determined by the sample anyway; a fixed 1e-3 (ten
+              times below the sample's error at S = 20k) took 8 passes there, then an exact re-solve.
               One pass costs 4 S D l flops (l = d + RANDOMIZED_OVERSAMPLE) against S D^2 for forming C,
               and no D x D eigensolver runs. The result of `subset` is used when it has not converged
-              in RANDOMIZED_MAX_PASSES passes (at most about twice the subset solver's time).
+              in RANDOMIZED_MAX_PASSES passes (a large sample asks for a precision the passes do not
+              reach: at most about twice the subset solver's time).
 
 `auto` picks `full` on a GPU; on a CPU `randomized` when two of its passes cost less than forming C
 (D >= 8 l: D=4096 -> 256), `subset` otherwise. Every solver fixes the eigenvectors' signs (the largest
@@ -32,6 +38,7 @@ the same PCA. The whitening then scales component i by eigenvalue_i ** eigen_pow
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -44,7 +51,7 @@ log = logging.getLogger("dcscale")
 
 CHUNK_ROWS = 2048  # rows per matmul: a chunk stays in the CPU cache (32 MB at D=4096): 2.5x faster than 16k
 SOLVERS = ("auto", "full", "subset", "randomized")
-RANDOMIZED_TOL = 1e-3  # ||C V - V diag(theta)||_2 <= this * theta_1: a norm-wise backward error
+RANDOMIZED_SAMPLE_ERROR_SHARE = 0.5  # the solver's error bound: this share of the sample's, sqrt(2 / S) theta_1
 RANDOMIZED_OVERSAMPLE = 16  # subspace columns beyond d: the d-th pair converges at rate lambda_{l+1}/lambda_d
 RANDOMIZED_MAX_PASSES = 8  # not converged by then (no spectral gap near d): the subset solver takes over
 _RANDOMIZED_SEED = 0x9CA  # the random start is fixed: the same sample gives the same PCA
@@ -291,13 +298,19 @@ def _randomized(x: np.ndarray, mean: np.ndarray, n: int, dim: int, device: torch
         found = None
         if main and passes > 1:  # (the first basis is random: nothing to extract from it yet)
             values, vectors, residual = _rayleigh_ritz(basis.double(), image, dim)
-            if residual <= RANDOMIZED_TOL * float(values[0]):
+            if residual <= randomized_tolerance(n) * float(values[0]):
                 found = Eigenpairs(mean, values, _fixed_signs(vectors), "randomized", passes,
                                    residual / max(float(values[0]), 1e-30))
         if _from_main(found is not None, across_ranks):
             return found if main else Eigenpairs(mean, torch.zeros(0), torch.zeros(0), "randomized", passes)
         basis = _from_main(torch.linalg.qr(image.float()).Q if main else None, across_ranks).to(device)
     return None
+
+
+def randomized_tolerance(sample_rows: int) -> float:
+    """The randomized solver's bound on ||C V - V diag(theta)||_2 / theta_1 for a sample of this many
+    rows: half the relative standard error of the sample's top eigenvalue (see the module's docstring)."""
+    return RANDOMIZED_SAMPLE_ERROR_SHARE * math.sqrt(2.0 / sample_rows)
 
 
 def _rayleigh_ritz(basis: torch.Tensor, image: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, float]:
