@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dcscale.cluster import pca as pca_mod
-from dcscale.cluster.pca import (RANDOMIZED_OVERSAMPLE, RANDOMIZED_TOL, apply_pca, choose_solver, fit_pca,
+from dcscale.cluster.pca import (RANDOMIZED_OVERSAMPLE, apply_pca, choose_solver, fit_pca, randomized_tolerance,
                                  top_eigenpairs)
 
 DIM = 16  # kept components
@@ -47,7 +47,7 @@ def test_subset_solver_equals_the_full_one(gapped, full):
 def test_randomized_solver_meets_its_verified_bound(gapped, full):
     rand = top_eigenpairs(gapped, DIM, "cpu", "randomized")
     assert rand.solver == "randomized" and rand.passes >= 2
-    assert rand.residual <= RANDOMIZED_TOL
+    assert rand.residual <= randomized_tolerance(len(gapped))
     bound = rand.residual * float(rand.values[0])  # ||C V - V diag(theta)||_2
     # Kahan: every Ritz value within ||R||_2 of an eigenvalue (here its own: the top 16 are far apart)
     assert float((rand.values - full.values).abs().max()) <= bound
@@ -56,18 +56,20 @@ def test_randomized_solver_meets_its_verified_bound(gapped, full):
     cosines = torch.linalg.svdvals(full.vectors.T @ rand.vectors)
     sin_max = float((1 - cosines.min() ** 2).clamp_min(0).sqrt())
     assert sin_max <= bound / (float(rand.values[-1]) - tail_top)
-    # ... so the PCAs agree: the same whitened, L2-normalised rows up to the stated tolerance
+    # ... so the PCAs agree: the whitened, L2-normalised rows have the same inner products (what k-means
+    # sees) up to the stated tolerance. (Not the same coordinates: a component's sign is that of its
+    # largest entry, which another entry may overtake in a vector rotated within the sample's error.)
     z_rand = apply_pca(gapped, fit_pca(gapped, DIM, solver="randomized"))
     z_full = apply_pca(gapped, fit_pca(gapped, DIM, solver="full"))
-    assert np.abs(z_rand - z_full).max() < 1e-2
+    assert np.abs(z_rand @ z_rand[:500].T - z_full @ z_full[:500].T).max() < 1e-2
 
 
 def test_randomized_solver_never_forms_the_covariance(gapped, monkeypatch):
     def refuse(*_args):
         raise AssertionError("the D x D covariance was formed")
 
-    monkeypatch.setattr(pca_mod, "_covariance", refuse)
-    monkeypatch.setattr(pca_mod, "_covariance_syrk", refuse)
+    monkeypatch.setattr(pca_mod, "_scatter", refuse)
+    monkeypatch.setattr(pca_mod, "_scatter_syrk", refuse)
     assert top_eigenpairs(gapped, DIM, "cpu", "randomized").solver == "randomized"
 
 

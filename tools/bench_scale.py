@@ -2,7 +2,7 @@
 
 For every N it synthesises (or reuses, --keep-data) a labelled shard set of N 16x16 grey PNGs, then
 for every W runs `dcscale train` under torchrun (gloo, CPU, W processes) for one clustering cycle and
---steps training steps, and records per phase (startup, extract, pca, kmeans, assign, between,
+--steps training steps, and records per phase (startup, pca, extract, kmeans, assign, between,
 train): seconds, each rank's peak memory during that phase and its growth over the rank's memory
 when the cycle started, the largest number of open files, and the bytes gathered to rank 0. Prints a
 markdown table and the growth exponent of every phase's time between sizes; writes bench_scale.json.
@@ -17,14 +17,15 @@ How it measures, without any hook in the library:
   straddles a phase's start counts with its RSS, not its peak, which may be the previous phase's. The reset also lowers the run's own
   `peak_mem_mb`, so that number is not used.
 - Phase boundaries: rank 0 writes labels.npy right after assignment, so its mtime ends the assign
-  phase; the cycle's phase durations (t_extract, t_pca, t_kmeans, t_assign, contiguous on rank 0)
-  count back from there. Training is stopped after --steps optimizer steps by asking for a
+  phase; the cycle's phase durations (t_pca: the PCA sample's extraction and the fit, then
+  t_extract: every row extracted and projected, t_kmeans, t_assign; contiguous on rank 0) count back
+  from there. Training is stopped after --steps optimizer steps by asking for a
   checkpoint at that step (checkpoint.every_steps) and killing the job once the file is there; the
   checkpoint holds the cycle's metrics, t_train up to that step included, and its mtime ends the
   train phase. `between` is the gap in between (label NMI and sizes, head reset, DDP wrap). Other ranks'
   phases end at the same collectives, so one set of boundaries serves every rank.
-- Bytes gathered to rank 0: from the resolved config (PCA sample rows x D, and with cluster.kmeans:
-  rank0 the k-means training rows x d, float32, from the other W-1 ranks; with the distributed
+- Bytes gathered to rank 0: from the resolved config (with cluster.kmeans: rank0 the k-means
+  training rows x d, float32, from the other W-1 ranks; the PCA sample is never gathered; with the distributed
   default, the K x (d + 1) float64 sums all-reduced every iteration instead). /proc cannot measure them: gloo moves data with
   sendmsg/recvmsg, which /proc/<pid>/io does not count, and loopback counters are shared.
 - Open files: /proc/<pid>/fd entries (shards, sockets, pipes), the largest count seen.
@@ -51,8 +52,8 @@ from pathlib import Path
 
 import numpy as np
 
-PHASES = ("startup", "extract", "pca", "kmeans", "assign", "between", "train")
-TIMED_PHASES = ("extract", "pca", "kmeans", "assign", "train")  # the ones metrics.jsonl times
+PHASES = ("startup", "pca", "extract", "kmeans", "assign", "between", "train")  # in the order they run
+TIMED_PHASES = ("pca", "extract", "kmeans", "assign", "train")  # the ones metrics.jsonl times  # the ones metrics.jsonl times
 BLOCK = tarfile.BLOCKSIZE  # 512
 RECORD = 4 * BLOCK  # one sample: png header, png (<= 512 bytes), cls header, cls
 SYNTH_SOURCE = "synthetic digits 16x16 (tools/bench_scale.py)"
@@ -299,7 +300,8 @@ def gathered_bytes(cfg, n: int, world: int, feature_dim: int) -> dict:
     """What crosses the network in one clustering cycle (float32 rows, int32 labels), by formula.
 
     The PCA sample and the k-means rows are drawn uniformly over the global index, so each rank
-    holds about 1/W of them and rank 0 receives the other ranks' (W-1)/W share.
+    holds about 1/W of them; with `rank0` k-means, rank 0 receives the other ranks' (W-1)/W share of
+    the training rows. The PCA sample stays where it is: only its float64 sums are all-reduced.
     """
     c = cfg.cluster
     others = (world - 1) / world
@@ -311,9 +313,9 @@ def gathered_bytes(cfg, n: int, world: int, feature_dim: int) -> dict:
     return {
         "kmeans_mode": "rank0" if on_rank0 else "distributed",
         "pca_sample_rows": pca_rows, "kmeans_train_rows": train_rows, "feature_dim": feature_dim, "reduced_dim": d,
-        "to_rank0_pca": int(others * pca_rows * feature_dim * 4),
+        "to_rank0_pca": 0,
         "to_rank0_kmeans": int(others * train_rows * d * 4) if on_rank0 else 0,
-        "rank0_holds_pca_sample": pca_rows * feature_dim * 4,
+        "rank0_holds_pca_sample": int(pca_rows / world) * feature_dim * 4,  # its share
         "rank0_holds_kmeans_rows": train_rows * d * 4 if on_rank0 else int(train_rows / world) * d * 4,
         # distributed: the initial centroids, then the sums, counts and objective (float64), every iteration
         "kmeans_all_reduce_per_iter": 0 if on_rank0 or world == 1 else 8 * (c.k * (d + 1) + 1),
@@ -396,13 +398,14 @@ def run_once(shards: Path, n: int, world: int, args, config: Path, run_dir: Path
 
     assign_end = (run_dir / "labels.npy").stat().st_mtime
     bounds = {"assign": (assign_end - cycle["t_assign"], assign_end)}
-    for phase, before in (("kmeans", "assign"), ("pca", "kmeans"), ("extract", "pca")):
+    # a cycle extracts and fits its PCA sample (t_pca), then extracts and projects every row (t_extract)
+    for phase, before in (("kmeans", "assign"), ("extract", "kmeans"), ("pca", "extract")):
         start = bounds[before][0]
         bounds[phase] = (start - cycle[f"t_{phase}"], start)
     bounds["train"] = (train_end - cycle["t_train"], train_end)
     bounds["between"] = (assign_end, bounds["train"][0])
     first_start = min(tr.started for tr in traces.values())
-    bounds["startup"] = (first_start, bounds["extract"][0])
+    bounds["startup"] = (first_start, bounds["pca"][0])
 
     phases = {}
     for phase in PHASES:
@@ -410,7 +413,7 @@ def run_once(shards: Path, n: int, world: int, args, config: Path, run_dir: Path
         ranks = []
         for rank in range(world):
             w = traces[rank].window(start, end) if rank in traces else {}
-            base = traces[rank].window(bounds["extract"][0], bounds["extract"][0]) if rank in traces else {}
+            base = traces[rank].window(bounds["pca"][0], bounds["pca"][0]) if rank in traces else {}
             if w and base and phase != "startup":
                 w["growth_mb"] = w["peak_mb"] - base["start_mb"]  # over the rank's RSS when the cycle began
             ranks.append(w)

@@ -28,7 +28,7 @@ from dcscale.data.transforms import draw_uniforms
 class _ExtractionBatches(IterableDataset):
     """Yields this worker's batches of the rank's range (partition.extraction_batches), ready-made."""
 
-    def __init__(self, shardset: ShardSet, transform, indices: range, batch_size: int, finish: bool):
+    def __init__(self, shardset: ShardSet, transform, indices, batch_size: int, finish: bool):
         self.shardset = shardset
         self.transform = transform
         self.indices = indices
@@ -38,13 +38,14 @@ class _ExtractionBatches(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         workers, me = (info.num_workers, info.id) if info else (1, 0)
-        for batch in worker_batches(self.indices, workers, me, self.batch_size):
-            yield self._batch(batch)
+        # batches are laid out over positions in `indices` (a range, or a sorted array of indices)
+        for batch in worker_batches(range(len(self.indices)), workers, me, self.batch_size):
+            yield self._batch(self.indices[batch.start:batch.stop])
 
-    def _batch(self, indices: range) -> dict:
+    def _batch(self, indices) -> dict:
         kept, images, skipped = [], [], []
         batched = is_batch_transform(self.transform)
-        for i in indices:
+        for i in map(int, indices):
             if batched:
                 image, _ = self.transform.decode(self.shardset, i)
             else:
@@ -82,8 +83,9 @@ class ExtractionLoader:
     """
 
     def __init__(self, shardset: ShardSet, transform, rank: int, world_size: int, batch_size: int,
-                 num_workers: int, pin_memory: bool = False, device=None):
-        self.indices = rank_range(len(shardset), world_size, rank)
+                 num_workers: int, pin_memory: bool = False, device=None, indices=None):
+        # indices: a sorted subset of the rank's slice to read instead of all of it (the PCA sample)
+        self.indices = rank_range(len(shardset), world_size, rank) if indices is None else np.asarray(indices)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.transform = transform
@@ -122,8 +124,9 @@ def _keep(batch):
 
 
 def extraction_loader(shardset: ShardSet, transform, rank: int, world_size: int, batch_size: int,
-                      num_workers: int, pin_memory: bool = False, device=None) -> ExtractionLoader:
-    return ExtractionLoader(shardset, transform, rank, world_size, batch_size, num_workers, pin_memory, device)
+                      num_workers: int, pin_memory: bool = False, device=None, indices=None) -> ExtractionLoader:
+    return ExtractionLoader(shardset, transform, rank, world_size, batch_size, num_workers, pin_memory, device,
+                            indices)
 
 
 # ---- training ----------------------------------------------------------------------------------

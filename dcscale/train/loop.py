@@ -27,6 +27,7 @@ from dcscale import dist
 from dcscale.cluster.kmeans import cycle_seed, kmeans_memory_bytes, physical_memory_bytes
 from dcscale.cluster.lloyd import distributed_kmeans_memory_bytes
 from dcscale.cluster.metrics import cluster_stats, nmi_scores
+from dcscale.cluster.pca import PCA, fit_pca_across_ranks
 from dcscale.config import Config, config_to_dict
 from dcscale.data.loaders import SeededDraws
 from dcscale.data.sampler import UniformClusterSampler
@@ -255,6 +256,16 @@ def check_clusterable(cfg: Config, model, shards: ShardSet) -> None:
     if c.pca_dim is not None and c.pca_dim > model.feature_dim:
         raise DcscaleError(f"cluster.pca_dim = {c.pca_dim} is more than the {model.feature_dim} "
                            f"feature dimensions of {cfg.model.arch}; use at most {model.feature_dim}, or null")
+    if c.pca_dim is not None:
+        n_sample = n if c.pca_sample is None else min(c.pca_sample, n)
+        if n_sample < c.pca_dim:
+            what = f"cluster.pca_sample = {c.pca_sample}" if c.pca_sample is not None and c.pca_sample < n else \
+                f"the {n} images of {shards.root}"
+            raise DcscaleError(f"{what} are too few rows to fit a PCA to cluster.pca_dim = {c.pca_dim} dims: the "
+                               f"sample needs at least {c.pca_dim} rows; raise cluster.pca_sample or lower pca_dim")
+        if c.pca_sample is not None and c.pca_sample > n and dist.is_main():
+            log.info("cluster.pca_sample = %d is more than the %d images of %s: the PCA is fitted on all of them",
+                     c.pca_sample, n, shards.root)
     dim = model.feature_dim if c.pca_dim is None else c.pca_dim
     have = physical_memory_bytes()
     if c.kmeans == "rank0":  # rank 0 holds the training rows
@@ -318,23 +329,23 @@ def cluster_cycle(model, shards, eval_tf, env, cfg: Config, cycle: int,
     seed = cycle_seed(cfg.seed, cycle)
     n_total = len(shards)
     model.eval()
+    compute = Compute.from_config(cfg, env.device)
+    extraction = (model.features, shards, eval_tf, env, cfg.data.extract_batch_size, cfg.data.workers)
     t0 = time.perf_counter()
-    indices, feats, skipped = phases.extract_features(model.features, shards, eval_tf, env,
-                                                      cfg.data.extract_batch_size, cfg.data.workers,
-                                                      cfg.cluster.feature_dtype, model.feature_dim,
-                                                      Compute.from_config(cfg, env.device))
-    n_skipped, n_nonfinite = (int(v) for v in dist.all_reduce_sum([len(skipped), phases.nonfinite_rows(feats)]))
-    t1 = time.perf_counter()  # after a collective: extraction ends when the slowest rank's does
+    pca = None
+    if cfg.cluster.pca_dim is not None:  # the PCA first, from the sample's rows alone: then every row is reduced
+        pca = fit_cycle_pca(extraction, cfg, model.feature_dim, compute, seed, cycle)
+        release_freed_memory()  # (the sample's rows)
+    t1 = time.perf_counter()
+    indices, z, skipped, nonfinite = phases.extract_projected(*extraction, pca, cfg.cluster.feature_dtype,
+                                                              model.feature_dim, compute)
+    n_skipped, n_nonfinite = (int(v) for v in dist.all_reduce_sum([len(skipped), nonfinite]))
+    t2 = time.perf_counter()  # after a collective: extraction ends when the slowest rank's does
     check_decodable(cfg, shards, n_total - n_skipped)
     if n_nonfinite:
         raise DcscaleError(f"cycle {cycle}: {n_nonfinite} image(s) gave NaN or infinite features at extraction "
                            f"(train.precision = {cfg.train.precision} may overflow, or the weights diverged); "
                            f"stopping before clustering them")
-    z, _ = phases.reduce_features(indices, feats, n_total, cfg.cluster.pca_dim, cfg.cluster.pca_sample, seed)
-    del feats  # the only reference: the raw features are gone before k-means
-    release_freed_memory()
-    dist.barrier()  # (cheap) so that the projection ends when the slowest rank's does, in t2 as in the memory
-    t2 = time.perf_counter()
     centroids, _ = phases.cluster_rows(indices, z, n_total, cfg.cluster.k, cfg.cluster.niter,
                                        cfg.cluster.max_points_per_centroid, cfg.cluster.max_train_rows, seed,
                                        cfg.cluster.kmeans)
@@ -352,12 +363,33 @@ def cluster_cycle(model, shards, eval_tf, env, cfg: Config, cycle: int,
     t4 = time.perf_counter()
     if n_skipped and env.is_main:
         log.warning("cycle %d: %d undecodable image(s) skipped (label -1, never drawn)", cycle, n_skipped)
-    # Phase times are rank 0's; images/s counts the whole shard set.
+    # Phase times are rank 0's, in the order they ran: t_pca is the sample's pass and the PCA fit,
+    # t_extract the pass over every row with its projection; images/s counts the whole shard set.
     return labels, n_skipped, {
         "objective": objective,
-        "t_extract": t1 - t0, "t_pca": t2 - t1, "t_kmeans": t3 - t2, "t_assign": t4 - t3,
-        "ips_extract": n_total / max(t1 - t0, 1e-9),
+        "t_pca": t1 - t0, "t_extract": t2 - t1, "t_kmeans": t3 - t2, "t_assign": t4 - t3,
+        "ips_extract": n_total / max(t2 - t1, 1e-9),
     }, rows
+
+
+def fit_cycle_pca(extraction: tuple, cfg: Config, feature_dim: int, compute: Compute, seed: int,
+                  cycle: int) -> PCA:
+    """The cycle's PCA from its sample's rows, fitted across ranks (a collective): a sample that
+    cannot be fitted stops every rank with the same line."""
+    c = cfg.cluster
+    sample, n_rows, n_bad, n_chosen = phases.extract_pca_sample(*extraction, c.feature_dtype, feature_dim, compute,
+                                                                c.pca_sample, seed)
+    shards = extraction[1]
+    if n_chosen == len(shards):  # the sample is every image: the checks of the extraction pass, as early
+        check_decodable(cfg, shards, n_rows)
+    if n_bad:
+        raise DcscaleError(f"cycle {cycle}: {n_bad} of the {n_rows} images of the PCA sample gave NaN or infinite "
+                           f"features (train.precision = {cfg.train.precision} may overflow, or the weights "
+                           f"diverged); stopping before the PCA")
+    if n_rows < max(c.pca_dim, 2):
+        raise DcscaleError(f"cycle {cycle}: only {n_rows} of the {n_chosen} images of the PCA sample could be "
+                           f"decoded; a PCA to cluster.pca_dim = {c.pca_dim} dims needs at least {max(c.pca_dim, 2)}")
+    return fit_pca_across_ranks(sample, c.pca_dim)
 
 
 def label_metrics(state: RunState, gt_labels, k: int, clustered: bool) -> dict:

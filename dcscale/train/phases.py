@@ -1,12 +1,14 @@
 """The phases of one DeepCluster cycle across ranks: extract -> reduce -> cluster -> assign -> train.
 
 Each phase takes explicit inputs and returns explicit outputs; `dcscale.train.loop` calls them in
-order. Data flow (see docs/design.md): every rank works on its own contiguous slice of the shard set; only
-the PCA sample travels to rank 0 and the PCA matrix back; k-means all-reduces K x (d + 1) sums per
-iteration (cluster.kmeans: distributed; with "rank0" the training rows, at most
+order. Data flow (see docs/design.md): every rank works on its own contiguous slice of the shard set. With
+PCA on, a cycle first extracts only its share of the PCA sample and reduces it to float64 sums (one
+all-reduce; no row crosses the network), the eigensolver runs once on rank 0 and the D x d matrix is
+broadcast; then every rank extracts its slice and projects each chunk of rows as it comes off the
+network, so a rank never holds its slice at full width (`extract_projected`). k-means all-reduces
+K x (d + 1) sums per iteration (cluster.kmeans: distributed; with "rank0" the training rows, at most
 cluster.max_train_rows, travel to rank 0 and the centroids back); the N-long label array is
-all-gathered. Nothing of size N x D sits on one host, and a rank's features exist once: in one array
-of its slice, then projected chunk by chunk into the (smaller) reduced rows.
+all-gathered.
 """
 
 from __future__ import annotations
@@ -18,19 +20,30 @@ from dcscale import dist
 from dcscale.cluster.kmeans import (assign, faiss_threads, fitting_threads, search_block, train_kmeans,
                                     training_row_indices)
 from dcscale.cluster.lloyd import distributed_kmeans
-from dcscale.cluster.pca import PCA, apply_pca, fit_pca
+from dcscale.cluster.pca import CHUNK_ROWS, PCA, apply_pca, fit_pca_across_ranks
 from dcscale.data.loaders import extraction_loader
 from dcscale.data.partition import rank_range
 from dcscale.train.compute import Compute
 from dcscale.train.logging import Progress, progress
 
 
+def _feature_batches(model_fn, loader, compute: Compute, shown):
+    """(global indices [b] as numpy, features [b, D] on the model's device) per non-empty batch."""
+    for batch_indices, images in loader:
+        if len(batch_indices) == 0:
+            continue
+        with compute.autocast():
+            out = model_fn(compute.batch(images))
+        yield batch_indices.numpy(), out
+        shown.update(len(batch_indices))
+
+
 @torch.no_grad()
 def extract_features(model_fn, shardset, transform, env: dist.DistEnv, batch_size: int, workers: int,
                      dtype: str = "float32", feature_dim: int | None = None,
-                     compute: Compute | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """Run this rank's contiguous slice through `model_fn` (batch -> [B, D] features), under
-    `compute`'s autocast and memory format (default: fp32).
+                     compute: Compute | None = None, rows=None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Run this rank's contiguous slice (or `rows`: a sorted subset of it) through `model_fn`
+    (batch -> [B, D] features), under `compute`'s autocast and memory format (default: fp32).
 
     Returns (global indices int64 [n_r], features [n_r, D] in `dtype`, skipped global indices); the
     features of decoded images only, in index order.
@@ -39,33 +52,105 @@ def extract_features(model_fn, shardset, transform, env: dist.DistEnv, batch_siz
     # The transform's float work (resize, crop, normalise) runs on env.device, on whole batches.
     loader = extraction_loader(shardset, transform, rank=env.rank, world_size=env.world_size,
                                batch_size=batch_size, num_workers=workers,
-                               pin_memory=torch.device(env.device).type == "cuda", device=env.device)
+                               pin_memory=torch.device(env.device).type == "cuda", device=env.device, indices=rows)
     np_dtype = np.float16 if dtype == "float16" else np.float32
     # One array for the whole slice, filled in order (batches come in index order) and cut to the
     # decoded rows at the end: a view, so the features are never copied a second time.
-    slice_rows = len(rank_range(len(shardset), env.world_size, env.rank))
+    slice_rows = len(loader.indices)
     indices = np.empty(slice_rows, np.int64)
     feats = None  # allocated at the first batch, which tells the feature width
     filled = 0
     # rank 0's slice stands for every rank's (they are the same size)
-    with Progress("extract", slice_rows, "images", env.is_main) as shown:
-        for batch_indices, images in loader:
-            if len(batch_indices) == 0:
-                continue
-            with compute.autocast():
-                out = model_fn(compute.batch(images))
+    with Progress("extract" if rows is None else "pca sample", slice_rows, "images", env.is_main) as shown:
+        for batch_indices, out in _feature_batches(model_fn, loader, compute, shown):
             if feats is None:
                 feats = np.empty((slice_rows, out.shape[1]), np_dtype)
-            rows = slice(filled, filled + len(batch_indices))
-            indices[rows] = batch_indices.numpy()
-            torch.from_numpy(feats[rows]).copy_(out)  # to the host and to `dtype` (from bf16/fp16 too) in one copy
+            here = slice(filled, filled + len(batch_indices))
+            indices[here] = batch_indices
+            torch.from_numpy(feats[here]).copy_(out)  # to the host and to `dtype` (from bf16/fp16 too) in one copy
             filled += len(batch_indices)
-            shown.update(len(batch_indices))
     skipped = list(getattr(loader, "skipped", []))
     if feats is None:
         # A rank with nothing decodable still takes part in the gathers, with rows of the right width.
         return np.zeros(0, np.int64), np.zeros((0, feature_dim or 0), np_dtype), skipped
     return indices[:filled], feats[:filled], skipped
+
+
+@torch.no_grad()
+def extract_projected(model_fn, shardset, transform, env: dist.DistEnv, batch_size: int, workers: int,
+                      pca: PCA | None, dtype: str = "float32", feature_dim: int | None = None,
+                      compute: Compute | None = None) -> tuple[np.ndarray, np.ndarray, list[int], int]:
+    """`extract_features` with the reduction streamed in: the rows are projected with `pca` (None: kept
+    D-wide) and L2-normalised a chunk of CHUNK_ROWS at a time as they come off the network, so the
+    rank holds its reduced rows (4 d n_r bytes) and one chunk of raw features, never b D n_r.
+
+    The chunks are the ones `apply_pca` cuts the whole slice into (CHUNK_ROWS decoded rows each, from
+    the slice's first), so the rows are exactly those of extract_features + apply_pca.
+    Returns (global indices [n_r], float32 rows [n_r, d], skipped global indices, the number of rows
+    with a NaN or infinite feature).
+    """
+    compute = compute or Compute(env.device)
+    loader = extraction_loader(shardset, transform, rank=env.rank, world_size=env.world_size,
+                               batch_size=batch_size, num_workers=workers,
+                               pin_memory=torch.device(env.device).type == "cuda", device=env.device)
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    slice_rows = len(loader.indices)
+    indices = np.empty(slice_rows, np.int64)
+    raw = z = None  # allocated at the first batch, which tells the feature width
+    done = pending = nonfinite = 0  # rows projected into z; rows waiting in `raw`
+
+    def project_pending():
+        nonlocal done, pending, nonfinite
+        nonfinite += nonfinite_rows(raw[:pending])
+        apply_pca(raw[:pending], pca, out=z[done:done + pending])
+        done, pending = done + pending, 0
+
+    with Progress("extract", slice_rows, "images", env.is_main) as shown:
+        for batch_indices, out in _feature_batches(model_fn, loader, compute, shown):
+            if raw is None:
+                raw = np.empty((CHUNK_ROWS, out.shape[1]), np_dtype)
+                z = np.empty((slice_rows, out.shape[1] if pca is None else pca.out_dim), np.float32)
+            indices[done + pending:done + pending + len(batch_indices)] = batch_indices
+            taken = 0
+            while taken < len(batch_indices):
+                m = min(CHUNK_ROWS - pending, len(batch_indices) - taken)
+                torch.from_numpy(raw[pending:pending + m]).copy_(out[taken:taken + m])  # to the host, to `dtype`
+                pending, taken = pending + m, taken + m
+                if pending == CHUNK_ROWS:
+                    project_pending()
+        if pending:
+            project_pending()
+    skipped = list(getattr(loader, "skipped", []))
+    if z is None:
+        width = (feature_dim or 0) if pca is None else pca.out_dim
+        return np.zeros(0, np.int64), np.zeros((0, width), np.float32), skipped, 0
+    return indices[:done], z[:done], skipped, nonfinite
+
+
+def pca_sample_indices(n_total: int, pca_sample: int | None, seed: int) -> np.ndarray:
+    """The sorted global indices of a cycle's PCA sample: min(pca_sample, N) rows drawn with the
+    cycle's seed, the same on every rank and at every world size."""
+    rng = np.random.default_rng(seed)
+    n_sample = n_total if pca_sample is None else min(pca_sample, n_total)
+    return np.sort(rng.choice(n_total, size=n_sample, replace=False))
+
+
+@torch.no_grad()
+def extract_pca_sample(model_fn, shardset, transform, env: dist.DistEnv, batch_size: int, workers: int,
+                       dtype: str, feature_dim: int, compute: Compute | None, pca_sample: int | None,
+                       seed: int) -> tuple[np.ndarray, int, int, int]:
+    """This rank's share of the cycle's PCA sample, extracted before the pass over every row (their
+    images are read and run through the network again in that pass: S/N of an extraction pass more).
+    A collective. Returns (this rank's decoded sample rows, float32 [S_r, D]; over all ranks: the
+    decoded rows, the rows with a NaN or infinite feature, the rows drawn)."""
+    n_total = len(shardset)
+    chosen = pca_sample_indices(n_total, pca_sample, seed)
+    mine = rank_range(n_total, env.world_size, env.rank)
+    lo, hi = np.searchsorted(chosen, [mine.start, mine.stop])
+    _, sample, _ = extract_features(model_fn, shardset, transform, env, batch_size, workers, dtype, feature_dim,
+                                    compute, rows=chosen[lo:hi])
+    n_rows, n_bad = (int(v) for v in dist.all_reduce_sum([len(sample), nonfinite_rows(sample)]))
+    return sample.astype(np.float32, copy=False), n_rows, n_bad, len(chosen)
 
 
 def nonfinite_rows(feats: np.ndarray, chunk_rows: int = 16384) -> int:
@@ -88,24 +173,16 @@ def _rows_in(indices: np.ndarray, chosen: np.ndarray) -> np.ndarray:
 
 def reduce_features(indices: np.ndarray, feats: np.ndarray, n_total: int, pca_dim: int | None,
                     pca_sample: int | None, seed: int) -> tuple[np.ndarray, PCA | None]:
-    """PCA (fitted on rank 0 from a global random sample of rows) + whitening + L2, on every rank.
+    """PCA (fitted across ranks on a global random sample of the rows held) + whitening + L2, on every
+    rank, for features already extracted at full width (the IA evaluation; a training cycle streams
+    instead: `fit_pca_on_sample`, `extract_projected`).
 
     Returns new float32 rows; `feats` is left as it was, for the caller to drop (or reuse).
     """
     pca = None
     if pca_dim is not None:
-        rng = np.random.default_rng(seed)
-        n_sample = n_total if pca_sample is None else min(pca_sample, n_total)
-        chosen = np.sort(rng.choice(n_total, size=n_sample, replace=False))
-        sample = dist.gather_rows_to_main(feats[_rows_in(indices, chosen)].astype(np.float32, copy=False))
-        if dist.is_main():
-            pca = fit_pca(sample, pca_dim)
-            mean, matrix = pca.mean, pca.matrix
-        else:
-            mean = matrix = None
-        del sample
-        mean, matrix = dist.broadcast_array(mean), dist.broadcast_array(matrix)
-        pca = PCA(mean=mean, matrix=matrix)
+        chosen = pca_sample_indices(n_total, pca_sample, seed)
+        pca = fit_pca_across_ranks(feats[_rows_in(indices, chosen)].astype(np.float32, copy=False), pca_dim)
     return apply_pca(feats, pca), pca
 
 
