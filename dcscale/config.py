@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from dcscale.errors import ConfigError
+from dcscale.safefile import write_new_text
 
 ARCHS = ("lenet5", "alexnet", "alexnet_micro", "alexnet_small", "vgg16_bn", "resnet50")
 
@@ -467,7 +468,7 @@ def save_config(cfg: Config, path: str | Path, footer: str = "") -> None:
     (YAML comments)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dump_config(cfg) + footer)
+    write_new_text(tmp, dump_config(cfg) + footer)  # (never through a link planted at the temporary name)
     tmp.replace(path)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from dcscale.errors import DcscaleError
+from dcscale.safefile import create_new
 
 FORMAT = 2  # 2: weights_only-loadable, with a content checksum
 DIGEST_KEY = "sha256"
@@ -47,7 +48,7 @@ def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with create_new(tmp) as f:  # (a link planted at the temporary name is removed, not followed)
             write(f)
             f.flush()
             os.fsync(f.fileno())

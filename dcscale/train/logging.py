@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from dcscale.errors import DcscaleError
+from dcscale.safefile import open_append, write_new_text
 
 PHASES = ("extract", "pca", "kmeans", "assign", "train")
 PROGRESS_ENV = "DCSCALE_PROGRESS_S"  # seconds between progress lines in logs (0: every 10%)
@@ -56,7 +57,7 @@ class MetricsLogger:
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
+        write_new_text(tmp, "".join(f"{line}\n" for line in kept))
         tmp.replace(self.path)
 
     def log_cycle(self, metrics: dict, cluster_sizes: np.ndarray | None = None, draw_images=None) -> None:
@@ -68,7 +69,7 @@ class MetricsLogger:
                 self.add_image(tag, image, metrics["cycle"])
             metrics["t_images"] = time.perf_counter() - start
         row = {k: _clean(v) for k, v in metrics.items()}
-        with open(self.path, "a") as f:
+        with open_append(self.path) as f:
             f.write(json.dumps(row) + "\n")
         cycle = metrics["cycle"]
         for key, value in row.items():

@@ -1,0 +1,96 @@
+"""Hostile files and silently wrong results (issue 21, part A): links planted in a run directory, a YAML
+bomb, a decompression bomb, damaged indexes, metrics and checkpoints, labels out of range, caches
+that must follow the content. Every case ends in one clear line (exit 2), a logged skip, or the right
+number; never a traceback, a write outside the run directory or a silently wrong result."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import metrics, tiny_run_overrides
+
+from dcscale.cli import main
+
+CONFIG = str(Path(__file__).parent / "train_test.yaml")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+DCSCALE = [sys.executable, "-m", "dcscale"]
+
+
+def dcscale(capsys, *argv) -> tuple[int, str]:
+    """`dcscale ARGV` in this process: (exit code, stderr)."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as done:
+        code = done.code
+    return code, capsys.readouterr().err
+
+
+def one_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.strip().splitlines() if ln.startswith("dcscale: error")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(digits_train_shards, tmp_path_factory) -> Path:
+    """A finished 1-cycle run (something to resume)."""
+    run_dir = tmp_path_factory.mktemp("hardening") / "run"
+    proc = subprocess.run([*DCSCALE, "train", "--config", CONFIG,
+                           *tiny_run_overrides(digits_train_shards, run_dir, **{"train.cycles": 1})],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def copy_run(run_dir: Path, to: Path) -> Path:
+    shutil.copytree(run_dir, to, ignore=shutil.ignore_patterns(".lock"))
+    return to
+
+
+# ---- 1. no write through a link planted in the run directory ---------------------------------------
+
+@pytest.mark.parametrize("name", [".lock", "metrics.jsonl", "config.yaml", "labels.npy", "checkpoints", "tb"])
+def test_a_link_in_the_run_directory_is_refused_and_its_target_untouched(name, digits_train_shards, tmp_path,
+                                                                          capsys):
+    victim = tmp_path / "victim"
+    if name in ("checkpoints", "tb"):
+        victim.mkdir()
+        (victim / "keep.txt").write_text("precious\n")
+    else:
+        victim.write_text("precious\n")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / name).symlink_to(victim)
+    code, err = dcscale(capsys, "train", "--config", CONFIG,
+                        *tiny_run_overrides(digits_train_shards, run_dir, **{"train.cycles": 1}))
+    line = one_line(err)
+    assert code == 2 and f"{run_dir / name} is a symbolic link" in line and "refused" in line, line
+    if victim.is_dir():
+        assert [p.name for p in victim.iterdir()] == ["keep.txt"]
+        assert (victim / "keep.txt").read_text() == "precious\n"
+    else:
+        assert victim.read_text() == "precious\n"
+
+
+def test_a_link_at_a_temporary_name_is_replaced_not_followed(digits_train_shards, tmp_path, capsys):
+    """A checkpoint's temporary file (a name anyone can predict: it holds the pid) planted as a link: the
+    run removes the link and writes its own file; the link's target keeps its bytes."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    for name in (f".last.pt.{os.getpid()}.tmp", ".write-test.{}.tmp".format(os.getpid())):
+        (run_dir / "checkpoints" / name).symlink_to(victim)
+    (run_dir / "config.yaml.tmp").symlink_to(victim)
+    (run_dir / ".clusters.json.tmp").symlink_to(victim)
+    code, err = dcscale(capsys, "train", "--config", CONFIG,
+                        *tiny_run_overrides(digits_train_shards, run_dir, **{"train.cycles": 1}))
+    assert code == 0, err
+    assert victim.read_text() == "precious\n"
+    assert (run_dir / "checkpoints" / "last.pt").is_file() and not (run_dir / "checkpoints" / "last.pt").is_symlink()
