@@ -94,3 +94,62 @@ def test_a_link_at_a_temporary_name_is_replaced_not_followed(digits_train_shards
     assert code == 0, err
     assert victim.read_text() == "precious\n"
     assert (run_dir / "checkpoints" / "last.pt").is_file() and not (run_dir / "checkpoints" / "last.pt").is_symlink()
+
+
+# ---- 2. config loading is bounded ------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+YAML_BOMB = "".join(
+    [f"{a}: &{a} [" + ", ".join(['"lol"'] * 9) + "]\n" for a in "a"]
+    + [f"{b}: &{b} [" + ", ".join([f"*{a}"] * 9) + "]\n" for a, b in zip("abcdefg", "bcdefgh")]
+    + ["seed: [" + ", ".join(["*h"] * 9) + "]\n"])  # 9^9 = 387 million strings once expanded, in 420 bytes
+
+
+@pytest.mark.parametrize("command", [
+    lambda bomb, t: [*DCSCALE, "config", bomb],
+    lambda bomb, t: [*DCSCALE, "train", "--config", bomb],
+    lambda bomb, t: [sys.executable, str(ROOT / "launch" / "slurm.py"), "--config", bomb, "--dry-run"],
+    lambda bomb, t: [sys.executable, str(ROOT / "tools" / "sweep.py"), "--config", bomb, "--grid", "cluster.k=5,6",
+                     "--out", str(t / "sweep")],
+], ids=["config", "train", "slurm.py", "sweep.py"])
+def test_a_yaml_bomb_is_one_line_in_well_under_a_second(command, tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(YAML_BOMB)
+    assert len(YAML_BOMB) < 450
+    started = time.monotonic()
+    proc = subprocess.run(command(str(bomb), tmp_path), env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=60, cwd=tmp_path)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "aliases expand to more than 100,000 values" in lines[0], lines[0]
+    assert time.monotonic() - started < 20  # (the process start dominates: the refusal itself takes milliseconds)
+
+
+def test_config_loading_is_bounded_in_time_and_still_reads_aliases(tmp_path):
+    from dcscale.config import load_config
+    from dcscale.errors import ConfigError
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(YAML_BOMB)
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match="aliases expand"):
+        load_config(bomb)
+    with pytest.raises(ConfigError, match="aliases expand"):
+        load_config(None, ["data.mean=" + YAML_BOMB.replace("\n", ", ").replace("seed: ", "x: ")
+                           .join(["{", "}"])])
+    assert time.perf_counter() - started < 0.5
+    looped = tmp_path / "loop.yaml"
+    looped.write_text("seed: &x [1, *x]\n")
+    with pytest.raises(ConfigError, match="refers to the collection that holds it"):
+        load_config(looped)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("seed: " + "[" * 20000 + "]" * 20000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(deep)
+    plain = tmp_path / "plain.yaml"  # anchors and aliases within bounds are still YAML
+    plain.write_text("cluster: {k: &k 12, pca_dim: *k}\n")
+    assert (load_config(plain).cluster.k, load_config(plain).cluster.pca_dim) == (12, 12)
+    # A wrong value is still named, shortened
+    with pytest.raises(ConfigError, match=r"data.mean = \[\[0, 0, 0, 0, 0, 0, 0, 0, \.\.\.\]") as err:
+        load_config(None, ["data.mean=[[" + ", ".join(["0"] * 5000) + "]]"])
+    assert len(str(err.value)) < 300
