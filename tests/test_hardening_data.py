@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import metrics, tiny_run_overrides
 
@@ -153,3 +154,27 @@ def test_config_loading_is_bounded_in_time_and_still_reads_aliases(tmp_path):
     with pytest.raises(ConfigError, match=r"data.mean = \[\[0, 0, 0, 0, 0, 0, 0, 0, \.\.\.\]") as err:
         load_config(None, ["data.mean=[[" + ", ".join(["0"] * 5000) + "]]"])
     assert len(str(err.value)) < 300
+
+
+# ---- 3. `ia --vary data.train=A,B` clusters B for B ------------------------------------------------
+
+def test_ia_varying_the_shard_set_opens_each_shard_set(digits_train_shards, digits_test_shards, tmp_path, capsys):
+    import json
+
+    cfg = tmp_path / "ia.yaml"
+    cfg.write_text(f"seed: 3\ndata: {{train: {digits_train_shards}, image_size: 32, workers: 0}}\n"
+                   "model: {arch: lenet5}\ncluster: {k: 10, pca_dim: 16}\n")
+
+    def ia_of(vary: str, out: Path) -> dict:
+        code = main(["ia", "--config", str(cfg), "--vary", vary, "--seeds", "1", "--out", str(out), "--save-labels"])
+        assert code == 0, capsys.readouterr().err
+        return {s["value"]: s["ia"] for s in json.loads((out / "ia.json").read_text())["samples"]}
+
+    both = ia_of(f"data.train={digits_train_shards},{digits_test_shards}", tmp_path / "both")
+    alone = ia_of(f"data.train={digits_test_shards}", tmp_path / "alone")
+    test_ia = both[str(digits_test_shards)]
+    assert test_ia == alone[str(digits_test_shards)]  # B's line is B's IA ...
+    assert test_ia != both[str(digits_train_shards)]  # ... not A's
+    # Each value's pseudo-labels are one file in the labels folder (a path value does not make folders)
+    saved = {p.name: len(np.load(p)) for p in (tmp_path / "both" / "labels").iterdir()}
+    assert sorted(saved.values()) == [360, 1437] and all(name.endswith("_seed3.npy") for name in saved), saved
