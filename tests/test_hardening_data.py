@@ -178,3 +178,43 @@ def test_ia_varying_the_shard_set_opens_each_shard_set(digits_train_shards, digi
     # Each value's pseudo-labels are one file in the labels folder (a path value does not make folders)
     saved = {p.name: len(np.load(p)) for p in (tmp_path / "both" / "labels").iterdir()}
     assert sorted(saved.values()) == [360, 1437] and all(name.endswith("_seed3.npy") for name in saved), saved
+
+
+# ---- 4. the probe's feature cache follows the content, not the path ---------------------------------
+
+def _digits_with_labels(out: Path, permute: bool) -> Path:
+    """The digits test split written at `out`; with `permute`, its labels shuffled (same images, same
+    tar sizes: only the content differs)."""
+    from dcscale.data.build import write_shard_set
+    from dcscale.data.converters import SourceData, read_digits
+
+    source = read_digits("test")
+    samples = list(source.samples)
+    labels = [label for _, label in samples]
+    if permute:
+        labels = list(np.random.default_rng(0).permutation(labels))
+    if out.exists():
+        shutil.rmtree(out)
+    write_shard_set(SourceData([(img, int(y)) for (img, _), y in zip(samples, labels)], len(samples),
+                               source.class_names, "digits test"), out, samples_per_shard=200)
+    return out
+
+
+def test_the_probe_cache_is_keyed_by_content(digits_train_shards, tmp_path, capsys):
+    import json
+
+    test_set = tmp_path / "test"
+
+    def top1() -> float:
+        code = main(["probe", "--train", str(digits_train_shards), "--test", str(test_set), "--layer", "pixels",
+                     "--json", str(tmp_path / "p.json"), "--workers", "0"])
+        assert code == 0, capsys.readouterr().err
+        return json.loads((tmp_path / "p.json").read_text())["layers"]["pixels"]["top1"]
+
+    _digits_with_labels(test_set, permute=False)
+    first = top1()
+    assert first > 0.8 and any((tmp_path / "p_cache").iterdir())
+    _digits_with_labels(test_set, permute=True)  # same path, same sizes, other labels
+    assert top1() < 0.3  # the rebuilt set's labels, not the cached ones (chance is 0.1)
+    _digits_with_labels(test_set, permute=False)
+    assert top1() == first
