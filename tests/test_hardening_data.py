@@ -218,3 +218,35 @@ def test_the_probe_cache_is_keyed_by_content(digits_train_shards, tmp_path, caps
     assert top1() < 0.3  # the rebuilt set's labels, not the cached ones (chance is 0.1)
     _digits_with_labels(test_set, permute=False)
     assert top1() == first
+
+
+# ---- 5. a damaged metrics.jsonl at resume: the cut row is written again, loudly ---------------------
+
+def test_a_cut_metrics_row_is_restored_at_resume(finished_run, digits_train_shards, tmp_path, capsys, caplog):
+    run_dir = copy_run(finished_run, tmp_path / "run")
+    rows = metrics(run_dir)
+    assert [r["cycle"] for r in rows] == [0]
+    text = (run_dir / "metrics.jsonl").read_text()
+    (run_dir / "metrics.jsonl").write_text(text[:len(text) // 2])  # the last (only) line cut in the middle
+    code, err = dcscale(capsys, "train", "--config", CONFIG,
+                        *tiny_run_overrides(digits_train_shards, run_dir, **{"train.cycles": 2, "resume": "auto"}))
+    assert code == 0, err
+    warning = [r.getMessage() for r in caplog.records if "metrics.jsonl" in r.getMessage()]
+    assert len(warning) == 1 and "line(s) 1 damaged" in warning[0] and \
+        "the row of cycle 0 was written again from the checkpoint" in warning[0], err
+    after = metrics(run_dir)
+    assert [r["cycle"] for r in after] == [0, 1]
+    assert after[0] == rows[0]  # the very row the first run wrote
+
+
+def test_rows_that_cannot_be_restored_are_named(tmp_path, caplog):
+    from dcscale.train.logging import MetricsLogger
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"cycle": 0, "loss": 1.0}\n{"cycle": 1, "lo\n{"cycle": 2, "loss": 0.5}\n')
+    logger = MetricsLogger(run_dir, resume_cycle=3, last_row={"cycle": 2, "loss": 0.5})
+    logger.close()
+    assert [r["cycle"] for r in metrics(run_dir)] == [0, 2]
+    (line,) = [r.getMessage() for r in caplog.records if "metrics.jsonl" in r.getMessage()]
+    assert "line(s) 2 damaged" in line and "no row for cycle(s) 1" in line and "lost" in line

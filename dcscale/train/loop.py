@@ -41,7 +41,7 @@ from dcscale.train.checkpoint import (FORMAT, atomic_write, find_resume_checkpoi
 from dcscale.train.compute import Compute, check_platform, grad_scaler, prepare_model
 from dcscale.train.images import (MONTAGE_PER_ROW, cluster_record, cycle_images, montage_clusters, montage_due,
                                   write_record)
-from dcscale.train.logging import MetricsLogger, console_line
+from dcscale.train.logging import MetricsLogger, console_line, json_row
 from dcscale.train.rundir import check_same_run, claim_run_dir, decided_by_main, release_run_dir, write_run_config
 
 log = logging.getLogger("dcscale")
@@ -66,6 +66,9 @@ class RunState:
     totals: dict = field(default_factory=zero_totals)
     skipped_images: int = 0
     grad_scaler: torch.amp.GradScaler | None = None  # fp16's loss scaling (its state: the scale, its growth count)
+    # (rank 0) metrics.jsonl's row of the last finished cycle, as written: a resume that finds that line
+    # damaged writes it again from here
+    last_row: dict | None = None
 
 
 def summed_totals(totals: dict) -> dict:
@@ -166,6 +169,7 @@ def train(cfg: Config) -> dict:
         drawn = draw_images if cfg.output.images_every is not None else None
         written_by_main(run_dir, lambda: logger.log_cycle(metrics, sizes, drawn))
         if env.is_main:
+            state.last_row = json_row(metrics)
             print(console_line(metrics), flush=True)
         # The cycle is done: the next checkpoint position is the start of the next cycle.
         state.cycle, state.epoch, state.step = cycle + 1, 0, 0
@@ -206,7 +210,7 @@ def open_run_dir(cfg: Config, run_dir: Path, resume_path: Path | None, state: Ru
         write_run_config(cfg, run_dir, changes, state.cycle, resumed=own)
         if state.labels is not None:
             atomic_write(run_dir / "labels.npy", lambda f: np.save(f, state.labels))
-        return MetricsLogger(run_dir, resume_cycle=state.cycle)
+        return MetricsLogger(run_dir, resume_cycle=state.cycle, last_row=state.last_row)
     except OSError as err:
         raise write_failure(err, newest_checkpoint(run_dir)) from None
 
@@ -474,6 +478,7 @@ def checkpoint_state(model, body_opt, head_opt, state: RunState, cfg: Config, ch
         "clustered_this_cycle": state.clustered_this_cycle,
         "labels": _tensor_or_none(state.labels), "prev_labels": _tensor_or_none(state.prev_labels),
         "cycle_metrics": plain_values(state.cycle_metrics), "totals": plain_values(state.totals),
+        "last_row": state.last_row,
         "skipped_images": int(state.skipped_images),
         "grad_scaler": state.grad_scaler.state_dict() if state.grad_scaler is not None else None,
         "rng": torch.get_rng_state(),
@@ -524,7 +529,8 @@ def restore(ckpt: dict, path: Path, model, body_opt, cfg: Config, n_images: int,
                      clustered_this_cycle=ckpt["clustered_this_cycle"], labels=_array_or_none(ckpt["labels"]),
                      prev_labels=_array_or_none(ckpt["prev_labels"]) if dist_env.is_main else None,
                      cycle_metrics=dict(ckpt["cycle_metrics"]),
-                     totals=dict(totals), skipped_images=ckpt.get("skipped_images", 0), grad_scaler=scaler)
+                     totals=dict(totals), skipped_images=ckpt.get("skipped_images", 0), grad_scaler=scaler,
+                     last_row=ckpt.get("last_row") if dist_env.is_main else None)
     return state, head_opt
 
 
