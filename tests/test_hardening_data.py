@@ -250,3 +250,61 @@ def test_rows_that_cannot_be_restored_are_named(tmp_path, caplog):
     assert [r["cycle"] for r in metrics(run_dir)] == [0, 2]
     (line,) = [r.getMessage() for r in caplog.records if "metrics.jsonl" in r.getMessage()]
     assert "line(s) 2 damaged" in line and "no row for cycle(s) 1" in line and "lost" in line
+
+
+# ---- 6. a decompression bomb in an indexed tar is a counted skip ------------------------------------
+
+def _png(width: int, height: int, idat: bytes) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def bomb_png() -> bytes:
+    """A valid 20000 x 20000 8-bit grey PNG (400 M pixels, all black) of about 400 kB."""
+    import zlib
+
+    side, rows_per_block = 20000, 500
+    deflate = zlib.compressobj(9)
+    block = bytes(side + 1) * rows_per_block  # filter byte + a row of zeros, per row
+    idat = b"".join(deflate.compress(block) for _ in range(side // rows_per_block)) + deflate.flush()
+    return _png(side, side, idat)
+
+
+def test_a_decompression_bomb_in_an_indexed_tar_is_a_counted_skip(bomb_png, tmp_path, caplog):
+    import resource
+
+    import webdataset as wds
+
+    from dcscale.data.build import index_tars
+    from dcscale.data.shardset import ShardSet
+
+    assert len(bomb_png) < 1_000_000
+    (tmp_path / "tars").mkdir()
+    with wds.TarWriter(str(tmp_path / "tars" / "a.tar")) as sink:
+        for j in range(4):
+            sink.write({"__key__": f"s{j}", "png": np.full((6, 6), 40 * j, np.uint8), "cls": j % 2})
+        sink.write({"__key__": "bomb", "png": bomb_png, "cls": 1})  # (bytes: written as they are)
+    index_tars([tmp_path / "tars"], tmp_path / "set")
+    assert any("1 undecodable image(s)" in r.getMessage() and "20000x20000" in r.getMessage()
+               for r in caplog.records)
+
+    shards = ShardSet(tmp_path / "set")
+    assert len(shards) == 5 and shards.read_bytes(4)[0] == bomb_png
+    assert shards.read_uint8(0, 1)[0].shape == (1, 6, 6)  # (imports torchvision's decoders: not timed)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    image, label = shards.read_uint8(4, 1)  # the fast decode path (torchvision's libpng)
+    assert image is None and label == 1 and shards.decode_errors == 1
+    assert shards.read(4) is None and shards.decode_errors == 2  # (PIL's path: its own limit)
+    assert time.perf_counter() - started < 1.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 100_000  # kB: nothing decoded
+    skips = [r.getMessage() for r in caplog.records if "skipping undecodable image 4" in r.getMessage()]
+    assert len(skips) == 1 and "beyond the limit" in skips[0] and "bomb" in skips[0], skips
+    assert shards.read_uint8(3, 1)[0].shape == (1, 6, 6)  # the other images still read

@@ -400,15 +400,24 @@ _JPEG_SOF = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 def image_shape(data: bytes, where: str) -> tuple[tuple[int, int, int] | None, str | None]:
     """((C, H, W), None) from the image's header, C as once forced to 'L' or 'RGB'; or (None, why)
-    when it cannot be read. PNG and JPEG headers are parsed here (a microsecond), others by PIL."""
-    shape = _png_shape(data) or _jpeg_shape(data)
-    if shape is not None:
-        return shape, None
+    when it cannot be read. PNG and JPEG headers are parsed here (a microsecond), others by PIL. An image
+    beyond the decompression-bomb limit (shardset.pixel_limit) cannot be read either: it is skipped when read."""
+    from dcscale.data.shardset import check_pixels
+
     try:
+        shape = header_shape(data)
+        if shape is not None:
+            check_pixels(shape[2], shape[1])
+            return shape, None
         with Image.open(io.BytesIO(data)) as image:  # reads the header only
             return (channels_of_mode(image.mode), image.height, image.width), None
     except Exception as err:  # PIL raises many types for bad bytes; all mean "undecodable"
         return None, f"{where}: {err}"
+
+
+def header_shape(data: bytes) -> tuple[int, int, int] | None:
+    """(C, H, W) from a PNG or JPEG header, or None for another format or an unreadable header."""
+    return _png_shape(data) or _jpeg_shape(data)
 
 
 def _png_shape(data: bytes) -> tuple[int, int, int] | None:
