@@ -308,3 +308,40 @@ def test_a_decompression_bomb_in_an_indexed_tar_is_a_counted_skip(bomb_png, tmp_
     skips = [r.getMessage() for r in caplog.records if "skipping undecodable image 4" in r.getMessage()]
     assert len(skips) == 1 and "beyond the limit" in skips[0] and "bomb" in skips[0], skips
     assert shards.read_uint8(3, 1)[0].shape == (1, 6, 6)  # the other images still read
+
+
+# ---- 7. the sidecar index is checked against a checksum of its content ------------------------------
+
+def test_an_index_edited_in_place_is_not_used(digits_test_shards, tmp_path, caplog):
+    import json
+
+    from dcscale.data.shardset import ShardSet
+
+    root = tmp_path / "set"
+    shutil.copytree(digits_test_shards, root)
+    reference = ShardSet(root)
+    assert reference.used_index_file
+    truth = reference.labels().copy()
+    a, b = 0, int(np.flatnonzero(truth != truth[0])[0])  # two samples of different classes (shard 0)
+    image_a = reference.read_bytes(a)[0]
+    rows = np.load(root / "index.npy")
+    rows[[a, b]] = rows[[b, a]]  # same size, same shard layout: images now carry each other's labels
+    rows["shard"][[a, b]] = 0
+    with open(root / "index.npy", "r+b") as f:  # in place, same header
+        np.save(f, rows, allow_pickle=False)
+
+    caplog.clear()
+    shards = ShardSet(root)
+    (warning,) = [r.getMessage() for r in caplog.records if "index.npy" in r.getMessage()]
+    assert "does not match the checksum" in warning and "reading the tars' headers instead" in warning
+    assert not shards.used_index_file
+    assert np.array_equal(shards.labels(), truth)  # from the tars, right
+    assert shards.read(a).label == truth[a] and shards.read_bytes(a)[0] == image_a
+
+    # A shard set built before the checksum existed is read as before, from its index
+    manifest = json.loads((digits_test_shards / "manifest.json").read_text())
+    assert len(manifest["extra"].pop("index_file_sha256")) == 64
+    old = tmp_path / "old"
+    shutil.copytree(digits_test_shards, old)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert ShardSet(old).used_index_file and np.array_equal(ShardSet(old).labels(), truth)

@@ -32,7 +32,7 @@ from PIL import Image
 from dcscale.data import converters
 from dcscale.data.converters import SourceData
 from dcscale.data.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardInfo, load_manifest, save_manifest
-from dcscale.data.tarindex import INDEX_FILE, IMAGE_EXTS, TarIndex, read_tar, save_index_file, scan_tar
+from dcscale.data.tarindex import INDEX_FILE, IMAGE_EXTS, TarIndex, file_sha256, read_tar, save_index_file, scan_tar
 from dcscale.data.writers import FORMATS, ShardSetWriter, channels_of_mode
 from dcscale.errors import DataError, DcscaleError
 
@@ -255,7 +255,8 @@ def write_shard_set(source: SourceData, out: str | Path, samples_per_shard: int 
             channels=channels,
             extra={"image_format": image_format, "samples_per_shard": samples_per_shard,
                    "skipped_files": len(source.skipped or []), "index_file": INDEX_FILE,
-                   "index_file_size": index_size, **shape_extra},
+                   "index_file_size": index_size, "index_file_sha256": file_sha256(stage / INDEX_FILE),
+                   **shape_extra},
         )
         save_manifest(manifest, stage)
     for name in set(previous) - {s.name for s in shards}:
@@ -383,7 +384,8 @@ def index_tars(inputs: list[str | Path], out: str | Path, workers: int = 1) -> M
             image_shape=image_shape,
             channels=channels,
             extra={"indexed": True, "some_unlabelled": bool(some_unlabelled), **shape_extra,
-                   "index_file": INDEX_FILE, "index_file_size": save_index_file(stage / INDEX_FILE, indexes, labels)},
+                   "index_file": INDEX_FILE, "index_file_size": save_index_file(stage / INDEX_FILE, indexes, labels),
+                   "index_file_sha256": file_sha256(stage / INDEX_FILE)},
         )
         save_manifest(manifest, stage)
     return manifest

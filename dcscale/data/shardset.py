@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dcscale.data.manifest import Manifest, load_manifest, manifest_path
-from dcscale.data.tarindex import IMAGE_EXTS, IndexFile, TarIndex, parse_label, read_labels, scan_tar
+from dcscale.data.manifest import MANIFEST_NAME, Manifest, load_manifest, manifest_path
+from dcscale.data.tarindex import IMAGE_EXTS, IndexFile, TarIndex, file_sha256, parse_label, read_labels, scan_tar
 from dcscale.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -215,13 +215,24 @@ class ShardSet:
 
     # ---- index -----------------------------------------------------------------------------
     def _open_index_file(self) -> IndexFile | None:
-        """The build's sidecar index when it matches the manifest (else None: the tars get scanned)."""
+        """The build's sidecar index when it matches the manifest (else None: the tars get scanned).
+
+        Its size, and its sha256 when the manifest records one (shard sets built since the checksum
+        was added), are checked: an index edited in place (two rows swapped, a label changed) is not
+        used, with a warning, and the tars' headers are scanned instead. Older shard sets, without the
+        checksum, are read as before (size and shard layout checked only)."""
         name, size = self.manifest.extra.get("index_file"), self.manifest.extra.get("index_file_size")
+        digest = self.manifest.extra.get("index_file_sha256")
         if not name or any(s.size is None for s in self.manifest.shards):
             return None
         path = self.root / name
         try:
             if path.stat().st_size == size:
+                if digest is not None and file_sha256(path) != digest:
+                    log.warning("%s: %s does not match the checksum in %s (edited or damaged); not used: reading "
+                                "the tars' headers instead (rebuild it with `dcscale shards index`)", self.root, name,
+                                MANIFEST_NAME)
+                    return None
                 return IndexFile(path, self.manifest.shard_starts())
         except (OSError, ValueError):
             pass
