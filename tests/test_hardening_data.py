@@ -345,3 +345,136 @@ def test_an_index_edited_in_place_is_not_used(digits_test_shards, tmp_path, capl
     shutil.copytree(digits_test_shards, old)
     (old / "manifest.json").write_text(json.dumps(manifest))
     assert ShardSet(old).used_index_file and np.array_equal(ShardSet(old).labels(), truth)
+
+
+# ---- 8. labels outside the class count are refused when a shard set is built --------------------------
+
+def _idx(array: np.ndarray) -> bytes:
+    import struct
+
+    return bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def _mnist_files(root: Path, labels: list[int]) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    images = np.zeros((len(labels), 28, 28), np.uint8)
+    (root / "train-images-idx3-ubyte").write_bytes(_idx(images))
+    (root / "train-labels-idx1-ubyte").write_bytes(_idx(np.array(labels, np.uint8)))
+    return root
+
+
+@pytest.mark.parametrize("label", [99, -3])
+def test_a_label_outside_the_classes_is_refused_at_build(label, tmp_path, capsys):
+    from dcscale.data.build import write_shard_set
+    from dcscale.data.converters import SourceData
+    from dcscale.errors import DataError
+
+    samples = [(np.zeros((4, 4), np.uint8), y) for y in (0, 1, label, 2)]
+    with pytest.raises(DataError, match=rf"sample 2 has label {label}; expected one of its 10 classes \(0..9\)"):
+        write_shard_set(SourceData(samples, 4, [str(c) for c in range(10)], "tiny"), tmp_path / "set")
+    assert not (tmp_path / "set").exists()  # nothing left behind
+    if label == 99:  # through the command: an mnist label file with a 99
+        code, err = dcscale(capsys, "shards", "mnist", _mnist_files(tmp_path / "raw", [0, 1, 99]),
+                            "--out", tmp_path / "m")
+        line = one_line(err)
+        assert code == 2 and "train-images-idx3-ubyte" in line and "sample 2 has label 99" in line, line
+
+
+def test_indexed_tars_with_a_negative_or_stray_label(tmp_path, caplog):
+    import webdataset as wds
+
+    from dcscale.data.build import index_tars
+    from dcscale.errors import DataError
+
+    def tar(name: str, labels: list[str]) -> Path:
+        with wds.TarWriter(str(tmp_path / name)) as sink:
+            for j, y in enumerate(labels):
+                sink.write({"__key__": f"s{j}", "png": np.zeros((3, 3), np.uint8), "cls": y.encode()})
+        return tmp_path / name
+
+    with pytest.raises(DataError, match=r"negative.tar sample 's1'.*class label -3 out of range"):
+        index_tars([tar("negative.tar", ["0", "-3"])], tmp_path / "a")
+    index_tars([tar("stray.tar", ["0", "1", "2", "99"])], tmp_path / "b")  # no class count to hold it to: warned
+    (line,) = [r.getMessage() for r in caplog.records if "distinct classes" in r.getMessage()]
+    assert "labels run from 0 to 99 but only 4 distinct classes occur (0, 1, 2, 99)" in line
+
+
+def test_report_with_pseudo_labels_out_of_range(finished_run, tmp_path, capsys, caplog):
+    run_dir = copy_run(finished_run, tmp_path / "run")
+    labels = np.load(run_dir / "labels.npy")
+    labels[5] = 99
+    np.save(run_dir / "labels.npy", labels)
+    code, err = dcscale(capsys, "report", run_dir)
+    assert code == 0 and "Traceback" not in err
+    (line,) = [r.getMessage() for r in caplog.records if "no contingency heatmap" in r.getMessage()]
+    assert "1 label(s) outside -1..9 (cluster.k = 10), first 99 at image 5" in line
+    assert not (run_dir / "report" / "clusters_contingency.png").exists()
+
+
+# ---- 11. idx files and tar links --------------------------------------------------------------------
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "0 bytes: the 4-byte header is cut short"),
+    (b"\x00\x00", "2 bytes: the 4-byte header is cut short"),
+    (b"\x00\x00\x08\x03\x00\x00\x00\x05", "idx header cut short (3 dimensions announced, 1 present)"),
+    (b"\x00\x00\x08\x03" + bytes.fromhex("00ffffff00ffffff00ffffff"), "more than the file holds"),
+], ids=["empty", "short magic", "short dims", "lying dims"])
+def test_a_damaged_idx_header_is_one_line(content, message, tmp_path, capsys):
+    root = _mnist_files(tmp_path / "raw", [0, 1])
+    (root / "train-images-idx3-ubyte").write_bytes(content)
+    code, err = dcscale(capsys, "shards", "mnist", root, "--out", tmp_path / "out")
+    line = one_line(err)
+    assert code == 2 and "train-images-idx3-ubyte" in line and message in line, line
+
+
+def test_a_gzipped_idx_is_checked_before_it_is_read(tmp_path):
+    import gzip
+
+    from dcscale.data.converters import read_idx
+    from dcscale.errors import DataError
+
+    labels = np.arange(10, dtype=np.uint8)
+    good = tmp_path / "labels.gz"
+    good.write_bytes(gzip.compress(_idx(labels)))
+    assert np.array_equal(read_idx(good), labels)
+    # A header announcing 4 GB in a 100-byte .gz: refused from the sizes alone
+    liar = tmp_path / "liar.gz"
+    liar.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + (2 ** 32 - 1).to_bytes(4, "big") + b"\x00" * 50))
+    started = time.perf_counter()
+    with pytest.raises(DataError, match="announces 4,294,967,295 data bytes"):
+        read_idx(liar)
+    assert time.perf_counter() - started < 0.5
+    # More data than the header says, and less: one line each
+    for body, says in ((labels.tobytes() + b"\x00", "more than 10 data bytes"), (labels.tobytes()[:4], "4 data bytes")):
+        bad = tmp_path / "bad.gz"
+        bad.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + (10).to_bytes(4, "big") + body))
+        with pytest.raises(DataError, match=says):
+            read_idx(bad)
+
+
+def test_a_tar_link_to_itself_is_one_line(tmp_path, capsys):
+    (tmp_path / "tars").mkdir()
+    (tmp_path / "tars" / "loop.tar").symlink_to("loop.tar")
+    for given in (tmp_path / "tars" / "loop.tar", tmp_path / "tars"):
+        code, err = dcscale(capsys, "shards", "index", given, "--out", tmp_path / "out")
+        line = one_line(err)
+        assert code == 2 and "loop.tar: a symbolic link that loops" in line, line
+
+
+# ---- 12. a shard set gets the user's umask, not 0700 ----------------------------------------------------
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_shard_set_directory_follows_the_umask(umask, tmp_path):
+    import stat
+
+    from dcscale.data.build import write_shard_set
+    from dcscale.data.converters import SourceData
+
+    old = os.umask(umask)
+    try:
+        write_shard_set(SourceData([(np.zeros((4, 4), np.uint8), 0)] * 3, 3, ["a"], "tiny"), tmp_path / "set")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "set", *(tmp_path / "set").iterdir()):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o777 if path.is_dir() else 0o666) & ~umask, (path, oct(mode))
