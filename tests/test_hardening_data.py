@@ -478,3 +478,77 @@ def test_a_shard_set_directory_follows_the_umask(umask, tmp_path):
     for path in (tmp_path / "set", *(tmp_path / "set").iterdir()):
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o777 if path.is_dir() else 0o666) & ~umask, (path, oct(mode))
+
+
+# ---- 9. a training checkpoint must carry its checksum, and fields of the right type --------------------
+
+def _raw_checkpoint(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_a_checkpoint_resaved_without_its_checksum_is_refused(finished_run, digits_train_shards, tmp_path, capsys,
+                                                             caplog):
+    import torch
+
+    run_dir = copy_run(finished_run, tmp_path / "run")
+    last = run_dir / "checkpoints" / "last.pt"
+    state = _raw_checkpoint(last)
+    del state["sha256"]
+    torch.save(state, last)  # the same content, re-saved without its checksum
+    overrides = tiny_run_overrides(digits_train_shards, run_dir, **{"train.cycles": 2})
+
+    code, err = dcscale(capsys, "train", "--config", CONFIG, *overrides, f"resume={last}")
+    line = one_line(err)
+    assert code == 2 and "refused: a training checkpoint without its checksum" in line, line
+    # resume=auto falls back to the newest intact one, saying why
+    code, err = dcscale(capsys, "train", "--config", CONFIG, *overrides, "resume=auto")
+    assert code == 0, err
+    (note,) = [r.getMessage() for r in caplog.records if "without its checksum" in r.getMessage()]
+    assert "resuming from" in note and "cycle00001" in note
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("cycle", -1, "its field 'cycle' is -1, expected an integer >= 0"),
+    ("config", "a string", "its field 'config' is 'a string', expected a config"),
+    ("rng", "zeros", "its field 'rng' is a Tensor, expected a random generator state"),
+    ("labels", "floats", "its field 'labels' is a Tensor, expected a 1-d integer tensor or None"),
+])
+def test_a_checkpoint_with_a_field_of_the_wrong_type_is_one_line(field, value, message, finished_run,
+                                                                 digits_train_shards, tmp_path, capsys):
+    import torch
+
+    from dcscale.train.checkpoint import write_checkpoint_file
+
+    state = _raw_checkpoint(finished_run / "checkpoints" / "last.pt")
+    del state["sha256"]
+    state[field] = {"zeros": torch.zeros(3, dtype=torch.uint8),
+                    "floats": torch.zeros(len(state["labels"]))}.get(value, value)
+    crafted = tmp_path / "crafted.pt"
+    write_checkpoint_file(state, crafted)  # a valid checksum over the wrong content
+    code, err = dcscale(capsys, "train", "--config", CONFIG,
+                        *tiny_run_overrides(digits_train_shards, tmp_path / "run", **{"resume": crafted}))
+    line = one_line(err)
+    assert code == 2 and message in line, line
+
+
+def test_a_flipped_bit_in_the_pickle_is_damage_not_an_object(finished_run, tmp_path):
+    import struct
+    import zipfile
+
+    from dcscale.train.checkpoint import CheckpointError, load_checkpoint
+
+    path = tmp_path / "last.pt"
+    shutil.copy(finished_run / "checkpoints" / "last.pt", path)
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("data.pkl"))
+        pickled = archive.read(info)
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+    at = info.header_offset + 30 + name_len + extra_len + pickled.find(b"_rebuild_tensor_v2")
+    data[at] ^= 0x01  # "_rebuild_tensor_v2" -> "^rebuild_tensor_v2": an object weights_only refuses
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match="damaged: checksum mismatch in its member") as err:
+        load_checkpoint(path)
+    assert "Python object" not in str(err.value)
