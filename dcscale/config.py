@@ -174,6 +174,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "eval.probe_batch_size": _POSITIVE,
     "eval.probe_pool_dim": _POSITIVE,
     "dist.timeout_min": _MINUTES,
+    "output.dir": (lambda v: bool(v.strip()), "a directory for the run (not empty: the run would land in the "
+                   "current directory)"),
     "output.images_every": (lambda v: v >= 1, "an integer >= 1 (cycles between TensorBoard images), or null for none"),
     "checkpoint.every_steps": _POSITIVE,
     "checkpoint.keep_last": _NON_NEGATIVE,

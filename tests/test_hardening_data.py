@@ -552,3 +552,82 @@ def test_a_flipped_bit_in_the_pickle_is_damage_not_an_object(finished_run, tmp_p
     with pytest.raises(CheckpointError, match="damaged: checksum mismatch in its member") as err:
         load_checkpoint(path)
     assert "Python object" not in str(err.value)
+
+
+# ---- 10. refused with one line: where a run would write, what it would read ------------------------------
+
+def test_output_dir_empty_or_in_a_shard_set_is_refused(digits_train_shards, digits_test_shards, tmp_path, capsys):
+    before = sorted(p.name for p in digits_train_shards.iterdir())
+    cases = [("", "output.dir = '' in the command line: expected a directory for the run (not empty"),
+             (str(digits_train_shards), f"output.dir {digits_train_shards} is the shard set of data.train"),
+             (str(digits_test_shards / "run"), f"is inside the shard set of data.test ({digits_test_shards})")]
+    for out, message in cases:
+        code, err = dcscale(capsys, "train", "--config", CONFIG,
+                            *tiny_run_overrides(digits_train_shards, tmp_path, **{"data.test": digits_test_shards}),
+                            f"output.dir={out!r}" if out == "" else f"output.dir={out}")
+        line = one_line(err)
+        assert code == 2 and message in line, line
+    assert sorted(p.name for p in digits_train_shards.iterdir()) == before
+    assert not (digits_test_shards / "run").exists()
+
+
+def test_a_manifest_listing_a_shard_twice_or_nested_too_deeply(digits_test_shards, tmp_path):
+    import json
+
+    from dcscale.data.manifest import load_manifest
+    from dcscale.errors import DataError
+
+    raw = json.loads((digits_test_shards / "manifest.json").read_text())
+    root = tmp_path / "set"
+    root.mkdir()
+    first = raw["shards"][0]
+    raw.update(shards=[first, {**first, "name": "./" + first["name"]}], total=2 * first["count"])
+    (root / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(DataError, match=rf"shard {first['name']} is listed twice \(also as {first['name']}\)|"
+                                        rf"shard ./{first['name']} is listed twice"):
+        load_manifest(root)
+    (root / "manifest.json").write_text('{"version": 1, "shards": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(DataError, match="nested too deeply to be a manifest"):
+        load_manifest(root)
+
+
+def test_a_knn_test_set_of_another_shape_is_refused(digits_train_shards, tmp_path, capsys):
+    from dcscale.data.build import write_shard_set
+    from dcscale.data.converters import SourceData
+
+    rgb = tmp_path / "rgb"
+    write_shard_set(SourceData([(np.zeros((8, 8, 3), np.uint8), j % 10) for j in range(20)], 20,
+                               [str(c) for c in range(10)], "rgb"), rgb)
+    code, err = dcscale(capsys, "train", "--config", CONFIG,
+                        *tiny_run_overrides(digits_train_shards, tmp_path / "run",
+                                            **{"data.test": rgb, "eval.knn_every": 1}))
+    line = one_line(err)
+    assert code == 2 and f"data.test {rgb} holds 3x8x8 images but data.train" in line and "1x8x8" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_embed_refuses_rgb_images_through_a_grey_network(finished_run, tmp_path, capsys):
+    from dcscale.data.build import write_shard_set
+    from dcscale.data.converters import SourceData
+
+    rgb = tmp_path / "rgb"
+    write_shard_set(SourceData([(np.zeros((8, 8, 3), np.uint8), None) for _ in range(6)], 6, None, "rgb"), rgb)
+    code, err = dcscale(capsys, "embed", "--checkpoint", finished_run / "checkpoints" / "last.pt", "--shards", rgb,
+                        "--out", tmp_path / "emb")
+    line = one_line(err)
+    assert code == 2 and "3-channel images, but the network of" in line and "takes 1" in line, line
+    assert not (tmp_path / "emb").exists()
+
+
+# ---- 13. degenerate settings warn ---------------------------------------------------------------------
+
+def test_degenerate_cluster_settings_warn_once_at_start(digits_train_shards, tmp_path, capsys, caplog):
+    code, err = dcscale(capsys, "train", "--config", CONFIG,
+                        *tiny_run_overrides(digits_train_shards, tmp_path / "run", **{
+                            "train.cycles": 1, "cluster.pca_dim": 16, "cluster.pca_sample": 8,
+                            "cluster.max_points_per_centroid": 1}))
+    assert code == 0, err
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "cluster." in r.getMessage()]
+    assert len(warnings) == 2, warnings
+    assert "cluster.pca_sample = 8 (8 rows) is below cluster.pca_dim = 16" in warnings[0]
+    assert "cluster.max_points_per_centroid = 1" in warnings[1] and "each centroid is one image" in warnings[1]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 from dcscale.config import Config, config_to_dict, format_value, load_config, parse_value_list
 from dcscale.errors import ConfigError, DataError
 from dcscale.eval import features as ft
-from dcscale.train.loop import check_clusterable
+from dcscale.train.loop import check_clusterable, degenerate_settings
 
 VARY_EXAMPLES = "cluster.k=10,50,100,500, cluster.pca_dim=..., model.arch=..., model.sobel=..."
 
@@ -243,7 +244,10 @@ def run(args) -> int:
             return opened[cfg.data.train]
 
         for value in values:  # every value's shard set opens before anything runs
-            shards_of(_with(base, key, value, base.seed))
+            cfg = _with(base, key, value, base.seed)
+            if env.is_main:
+                for warning in degenerate_settings(cfg, len(shards_of(cfg))):
+                    logging.getLogger("dcscale").warning("%s=%s: %s", key, format_value(value), warning)
         shardset = shards_of(base if base.data.train is not None else _with(base, key, values[0], base.seed))
         out = Path(args.out)
         log = print if env.is_main else (lambda *_: None)

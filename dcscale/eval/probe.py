@@ -573,9 +573,7 @@ def _network(args, env, train_ss):
         cfg = cfg or ckpt_cfg
         seed = args.seed if args.seed is not None else ckpt_cfg.seed
         channels, size = shape[0], shape[1]
-        if train_ss.channels is not None and train_ss.channels != channels:
-            raise DcscaleError(f"{args.train}: {train_ss.channels}-channel images, but the checkpoint's "
-                               f"network takes {channels}")
+        ft.check_channels(train_ss, channels, "the checkpoint's network")
         return model, cfg, "checkpoint", Path(args.checkpoint), seed, channels, size
     if args.random_init:
         if cfg is None:

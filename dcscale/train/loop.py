@@ -27,7 +27,7 @@ from dcscale import dist
 from dcscale.cluster.kmeans import cycle_seed, kmeans_memory_bytes, physical_memory_bytes
 from dcscale.cluster.lloyd import distributed_kmeans_memory_bytes
 from dcscale.cluster.metrics import cluster_stats, nmi_scores
-from dcscale.config import Config, config_to_dict
+from dcscale.config import Config, config_to_dict, get_key
 from dcscale.data.loaders import SeededDraws
 from dcscale.data.sampler import UniformClusterSampler
 from dcscale.data.shardset import ShardSet
@@ -85,7 +85,8 @@ def train(cfg: Config) -> dict:
     channels, image_size = input_shape(shards, cfg)
     # Only rank 0 logs the NMIs, so only it holds the ground truth and the previous labels (4 N bytes each).
     gt_labels = shards.labels() if shards.manifest.has_labels and env.is_main else None
-    knn_queries = monitor_shards(cfg)  # opened (and checked) now, not at the first k-NN cycle
+    check_output_dir(cfg)
+    knn_queries = monitor_shards(cfg, shards)  # opened (and checked) now, not at the first k-NN cycle
     eval_tf = eval_transform(image_size, channels, resize=cfg.data.resize, mean=cfg.data.mean, std=cfg.data.std)
     train_tf = train_transform(image_size, channels, cfg.train.augment, cfg.train.crop_scale_min,
                                cfg.train.hflip, mean=cfg.data.mean, std=cfg.data.std,
@@ -95,6 +96,9 @@ def train(cfg: Config) -> dict:
     model = build_model_from_config(cfg, in_channels=channels, image_size=image_size).to(env.device)
     prepare_model(model, cfg, env.distributed)  # SyncBatchNorm, channels_last, compile (in place)
     check_clusterable(cfg, model, shards)
+    if env.is_main:
+        for warning in degenerate_settings(cfg, len(shards)):
+            log.warning(warning)
     if cfg.model.init:
         load_initial_weights(model, cfg.model.init)
     body_opt = torch.optim.SGD(model.body_parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
@@ -234,6 +238,26 @@ def save_run_checkpoint(model, body_opt, head_opt, state: RunState, cfg: Config,
     dist.barrier()
 
 
+FAISS_MIN_POINTS_PER_CENTROID = 39  # below this faiss itself warns that k-means has too few points
+
+
+def degenerate_settings(cfg: Config, n_images: int) -> list[str]:
+    """Settings that run but make the clustering meaningless: one warning line each."""
+    c, warnings = cfg.cluster, []
+    sample = min(c.pca_sample or n_images, n_images)
+    if c.pca_dim is not None and sample < c.pca_dim:
+        warnings.append(f"cluster.pca_sample = {c.pca_sample} ({sample} rows) is below cluster.pca_dim = {c.pca_dim}: "
+                        f"the PCA is fitted on fewer rows than the dimensions it keeps, so at most {sample - 1} carry "
+                        f"any variance and whitening blows up noise in the others; raise pca_sample or lower pca_dim")
+    if c.max_points_per_centroid is not None and c.max_points_per_centroid < FAISS_MIN_POINTS_PER_CENTROID:
+        warnings.append(f"cluster.max_points_per_centroid = {c.max_points_per_centroid}: k-means trains on at most "
+                        f"{c.max_points_per_centroid} row(s) per centroid"
+                        + (" (each centroid is one image)" if c.max_points_per_centroid == 1 else "")
+                        + f", too few to mean much (faiss advises at least {FAISS_MIN_POINTS_PER_CENTROID}); "
+                        f"use null for no cap")
+    return warnings
+
+
 def check_clusterable(cfg: Config, model, shards: ShardSet) -> None:
     """Fail before any work on settings that could only fail after a whole extraction pass."""
     c, n = cfg.cluster, len(shards)
@@ -277,8 +301,20 @@ def check_decodable(cfg: Config, shards: ShardSet, n_decoded: int) -> None:
                            f"{shards.root} ({n - n_decoded} could not be decoded); use at most {n_decoded}")
 
 
-def monitor_shards(cfg: Config) -> ShardSet | None:
-    """The labelled shard set the k-NN monitor queries, when the monitor is on."""
+def check_output_dir(cfg: Config) -> None:
+    """output.dir may be neither a shard set's directory nor a folder inside one (the run's files would mix
+    with the dataset's). (An empty output.dir is refused by the config's checks.)"""
+    run_dir = Path(cfg.output.dir).resolve()
+    for key in ("data.train", "data.test"):
+        root = get_key(cfg, key)
+        if root is not None and (run_dir == Path(root).resolve() or Path(root).resolve() in run_dir.parents):
+            raise DcscaleError(f"output.dir {cfg.output.dir} is {'inside ' if run_dir != Path(root).resolve() else ''}"
+                               f"the shard set of {key} ({root}): give the run a directory of its own")
+
+
+def monitor_shards(cfg: Config, train: ShardSet | None = None) -> ShardSet | None:
+    """The labelled shard set the k-NN monitor queries, when the monitor is on; its images must have the
+    training images' shape (`train`), or the monitor would compare unlike pictures."""
     if not cfg.eval.knn_every:
         return None
     if cfg.data.test is None:
@@ -287,6 +323,17 @@ def monitor_shards(cfg: Config) -> ShardSet | None:
     queries = ShardSet(cfg.data.test)
     if not queries.manifest.has_labels:
         raise DcscaleError(f"data.test {cfg.data.test} has no labels: the k-NN monitor needs a labelled set")
+    if train is not None:
+        shape, want = queries.manifest.image_shape, train.manifest.image_shape
+        if (queries.channels, train.channels) != (None, None) and queries.channels != train.channels or \
+                shape is not None and want is not None and list(shape) != list(want):
+            def show(s: ShardSet) -> str:
+                given = s.manifest.image_shape
+                return "x".join(map(str, given)) if given else f"{s.channels}-channel images of several sizes"
+
+            raise DcscaleError(f"data.test {cfg.data.test} holds {show(queries)} images but data.train "
+                               f"{cfg.data.train} holds {show(train)}: the k-NN monitor needs a test set of the "
+                               f"training images' shape")
     return queries
 
 
