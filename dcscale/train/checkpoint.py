@@ -310,7 +310,7 @@ _RNG_BYTES = torch.get_rng_state().numel()
 # What dcscale reads from a checkpoint: key -> (check, what is expected). A key that is absent is left
 # to the reader (a model.init file holds only some of them).
 _FIELDS = {
-    "format": (_whole(0), "an integer"),
+    "format": (lambda v: _whole(0)(v) or isinstance(v, str), "a format number or name"),
     "cycle": (_whole(0), "an integer >= 0"),
     "epoch": (_whole(0), "an integer >= 0"),
     "step": (_whole(0), "an integer >= 0"),
