@@ -383,7 +383,8 @@ def _index_tar(tar: Path) -> _TarIndexed:
 
 
 def _few(values: list) -> str:
-    return ", ".join(map(str, values)) if len(values) <= 12 else ", ".join(map(str, values[:10] + ["..."] + values[-1:]))
+    shown = values if len(values) <= 12 else values[:10] + ["..."] + values[-1:]
+    return ", ".join(map(str, shown))
 
 
 def index_tars(inputs: list[str | Path], out: str | Path, workers: int = 1) -> Manifest:
