@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from dcscale.errors import ConfigError
+from dcscale.safefile import write_new_text
 
 ARCHS = ("lenet5", "alexnet", "alexnet_micro", "alexnet_small", "vgg16_bn", "resnet50")
 
@@ -176,6 +178,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "eval.probe_batch_size": _POSITIVE,
     "eval.probe_pool_dim": _POSITIVE,
     "dist.timeout_min": _MINUTES,
+    "output.dir": (lambda v: bool(v.strip()), "a directory for the run (not empty: the run would land in the "
+                   "current directory)"),
     "output.images_every": (lambda v: v >= 1, "an integer >= 1 (cycles between TensorBoard images), or null for none"),
     "checkpoint.every_steps": _POSITIVE,
     "checkpoint.keep_last": _NON_NEGATIVE,
@@ -208,7 +212,7 @@ def _describe(tp) -> str:
 def _coerce(value: Any, tp, key: str, source: str) -> Any:
     """Return `value` as type `tp`, or raise ConfigError naming the key and what is allowed."""
     origin = typing.get_origin(tp)
-    bad = ConfigError(f"{key} = {value!r} in {source}: expected {_describe(tp)}")
+    bad = _Invalid(key, value, source, tp)  # (its message, the value's repr included, is built only when shown)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None:
@@ -261,6 +265,28 @@ def _coerce(value: Any, tp, key: str, source: str) -> Any:
     raise bad
 
 
+class _Invalid(ConfigError):
+    """`key = value in source: expected <type>`: the message is formatted when it is shown, so valid
+    values (tried against each type of a union) never pay for their repr."""
+
+    def __init__(self, key: str, value: Any, source: str, tp):
+        super().__init__()
+        self.key, self.value, self.source, self.tp = key, value, source, tp
+
+    def __str__(self) -> str:
+        return f"{self.key} = {_shown(self.value)} in {self.source}: expected {_describe(self.tp)}"
+
+
+def _shown(value: Any) -> str:
+    """A value's repr, cut short when it is long (a config value is a few characters; a hostile one need not be)."""
+    shorten = reprlib.Repr()
+    shorten.maxlist = shorten.maxtuple = shorten.maxdict = 8
+    shorten.maxstring = shorten.maxother = 80
+    shorten.maxlevel = 3
+    text = shorten.repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def _unknown_key(key: str, valid: list[str], source: str) -> ConfigError:
     in_section = [v for v in valid if v.startswith(key + ".")]
     if in_section:  # e.g. 'cluster=5'
@@ -292,7 +318,7 @@ def all_keys(cls=Config, prefix: str = "") -> list[str]:
 
 def _build(cls, raw: dict, source: str, prefix: str = "", from_cli: frozenset = frozenset()):
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} in {source}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} in {source}: expected a mapping, got {_shown(raw)}")
     hints = _type_hints(cls)
     fields = _fields(cls)
     kwargs = {}
@@ -342,7 +368,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, _, value = text.partition("=")
     key = key.strip()
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = _load_yaml(value, f"override '{key}'") if value.strip() else None
     except yaml.YAMLError:
         parsed = value
     return key, parsed
@@ -421,6 +447,56 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+MAX_YAML_NODES = 100_000  # a config has a few hundred values; aliases may not expand it beyond this
+
+
+def _load_yaml(text: str, where: str):
+    """YAML as the config loader reads it (duplicate keys refused), with its size bounded: aliases are
+    counted as what they expand to, so a few hundred bytes of nested aliases ("billion laughs") are one
+    line, not the whole memory. A structure deeper than Python's recursion limit is one line too."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expanded_size(node, where)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to be a config") from None
+    finally:
+        loader.dispose()
+
+
+def _check_expanded_size(root, where: str) -> None:
+    """Raise ConfigError when the document, aliases expanded, has more than MAX_YAML_NODES nodes, or
+    refers to itself (iterative: a deep document cannot exhaust the stack here)."""
+    size: dict[int, int] = {}  # id(node) -> expanded size, once known
+    open_nodes: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if isinstance(node, yaml.ScalarNode):
+            size[key] = 1
+            continue
+        children = [v for pair in node.value for v in pair] if isinstance(node, yaml.MappingNode) else node.value
+        if children_done:
+            open_nodes.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            if size[key] > MAX_YAML_NODES:
+                raise ConfigError(f"{where}: its aliases expand to more than {MAX_YAML_NODES:,} values; a config "
+                                  f"is far smaller (refused, as a YAML bomb would be)")
+            continue
+        if key in size:
+            continue
+        if key in open_nodes:
+            raise ConfigError(f"{where}: an alias refers to the collection that holds it (a config cannot be "
+                              f"infinite)")
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in size)
+
+
 def _read_yaml(path: Path):
     try:
         data = path.read_bytes()
@@ -433,7 +509,7 @@ def _read_yaml(path: Path):
     if "\x00" in text:
         raise ConfigError(f"{path}: not a text file (it holds NUL bytes); expected a YAML config")
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)
+        return _load_yaml(text, str(path))
     except _DuplicateKey as err:
         raise ConfigError(f"{path} (line {err.mark.line + 1}): key '{err.key}' is given twice in the same "
                           f"section") from None
@@ -471,7 +547,7 @@ def save_config(cfg: Config, path: str | Path, footer: str = "") -> None:
     (YAML comments)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dump_config(cfg) + footer)
+    write_new_text(tmp, dump_config(cfg) + footer)  # (never through a link planted at the temporary name)
     tmp.replace(path)
 
 

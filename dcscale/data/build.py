@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import itertools
 import logging
@@ -32,7 +33,7 @@ from PIL import Image
 from dcscale.data import converters
 from dcscale.data.converters import SourceData
 from dcscale.data.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardInfo, load_manifest, save_manifest
-from dcscale.data.tarindex import INDEX_FILE, IMAGE_EXTS, TarIndex, read_tar, save_index_file, scan_tar
+from dcscale.data.tarindex import INDEX_FILE, IMAGE_EXTS, TarIndex, file_sha256, read_tar, save_index_file, scan_tar
 from dcscale.data.writers import FORMATS, ShardSetWriter, channels_of_mode
 from dcscale.errors import DataError, DcscaleError
 
@@ -99,6 +100,12 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 _STAGING = ".dcscale-staging-"
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # (the only way to read it: set it, then set it back at once)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def _staged_output(out: Path):
     """A directory to write the new shard set into, moved into `out` only when complete: a build that
@@ -124,6 +131,9 @@ def _staged_output(out: Path):
                 os.replace(stage / name, out / name)
             stage.rmdir()
         else:
+            # mkdtemp made the staging directory private (0700); the shard set gets the permissions of
+            # any directory the user creates (umask), so a shared dataset is readable by the team
+            os.chmod(stage, 0o777 & ~_umask())
             os.rename(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -201,6 +211,18 @@ def _write_shard(task: tuple) -> _ShardWritten:
     return _ShardWritten(info, stats.shapes, scan_tar(stage / info.name), labels)
 
 
+def _in_range(samples: Iterable, source: SourceData) -> Iterator:
+    """The samples, each label checked against the source's class count (a label of 99 among 10 classes,
+    or -3, is refused here, not at training time)."""
+    classes = None if source.class_names is None else len(source.class_names)
+    for position, (item, label) in enumerate(samples):
+        if label is not None and (classes is None or not 0 <= int(label) < classes):
+            allowed = f"one of its {classes} classes (0..{classes - 1})" if classes else "none (it has no classes)"
+            raise DataError(f"{source.description}: sample {position} has label {int(label)}; expected "
+                            f"{allowed}")
+        yield item, label
+
+
 def _load_samples(task: tuple) -> list:
     """Load a chunk of a source's samples (a worker's job): [(item or None, label, why skipped)]."""
     load, samples = task
@@ -232,7 +254,8 @@ def write_shard_set(source: SourceData, out: str | Path, samples_per_shard: int 
         workers = min(workers, -(-source.num_samples // samples_per_shard))
     with _staged_output(out) as stage, _Workers(workers) as processes:
         tasks = ((stage, shard_id, samples_per_shard, chunk, image_format, quality)
-                 for shard_id, chunk in enumerate(_chunks(_loaded(source, processes), samples_per_shard)))
+                 for shard_id, chunk in enumerate(_chunks(_in_range(_loaded(source, processes), source),
+                                                          samples_per_shard)))
         for written in processes.map_in_order(_write_shard, tasks):
             shards.append(written.info)
             shapes |= written.shapes
@@ -255,7 +278,8 @@ def write_shard_set(source: SourceData, out: str | Path, samples_per_shard: int 
             channels=channels,
             extra={"image_format": image_format, "samples_per_shard": samples_per_shard,
                    "skipped_files": len(source.skipped or []), "index_file": INDEX_FILE,
-                   "index_file_size": index_size, **shape_extra},
+                   "index_file_size": index_size, "index_file_sha256": file_sha256(stage / INDEX_FILE),
+                   **shape_extra},
         )
         save_manifest(manifest, stage)
     for name in set(previous) - {s.name for s in shards}:
@@ -307,11 +331,23 @@ def build_folder(path: str | Path, out: str | Path, samples_per_shard: int = DEF
 
 # ---- indexing existing tars --------------------------------------------------------------------------
 
+def _no_link_loop(path: Path) -> None:
+    """One line for a symbolic link that leads back to itself (ELOOP), which pathlib reports as a traceback."""
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise DataError(f"{path}: a symbolic link that loops (it leads back to itself)") from None
+
+
 def _tar_list(inputs: list[str | Path]) -> list[Path]:
     tars: list[Path] = []
     for item in map(Path, inputs):
+        _no_link_loop(item)
         if item.is_dir():
             found = sorted(item.glob("*.tar"))
+            for tar in found:
+                _no_link_loop(tar)
             if not found:
                 raise DataError(f"{item}: no .tar files")
             tars.extend(found)
@@ -346,6 +382,11 @@ def _index_tar(tar: Path) -> _TarIndexed:
     return _TarIndexed(index, labels, shapes, tar.stat().st_size, len(errors), errors[0] if errors else None)
 
 
+def _few(values: list) -> str:
+    shown = values if len(values) <= 12 else values[:10] + ["..."] + values[-1:]
+    return ", ".join(map(str, shown))
+
+
 def index_tars(inputs: list[str | Path], out: str | Path, workers: int = 1) -> Manifest:
     """Write `out/manifest.json` (and index.npy) for existing WebDataset tars, in the given order
     (directories expand to their sorted *.tar), without touching the tars: one pass over each, in
@@ -372,6 +413,9 @@ def index_tars(inputs: list[str | Path], out: str | Path, workers: int = 1) -> M
         has_labels = bool(classes)
         some_unlabelled = has_labels and any((lab < 0).any() for lab in labels)
         num_classes = max(classes) + 1 if has_labels else None
+        if has_labels and num_classes > 2 and len(classes) < num_classes / 2:  # e.g. classes 0..9 and a stray 99
+            log.warning("labels run from 0 to %d but only %d distinct classes occur (%s): num_classes is %d; is a "
+                        "label wrong?", num_classes - 1, len(classes), _few(sorted(classes)), num_classes)
         manifest = Manifest(
             version=FORMAT_VERSION,
             shards=shards,
@@ -383,7 +427,8 @@ def index_tars(inputs: list[str | Path], out: str | Path, workers: int = 1) -> M
             image_shape=image_shape,
             channels=channels,
             extra={"indexed": True, "some_unlabelled": bool(some_unlabelled), **shape_extra,
-                   "index_file": INDEX_FILE, "index_file_size": save_index_file(stage / INDEX_FILE, indexes, labels)},
+                   "index_file": INDEX_FILE, "index_file_size": save_index_file(stage / INDEX_FILE, indexes, labels),
+                   "index_file_sha256": file_sha256(stage / INDEX_FILE)},
         )
         save_manifest(manifest, stage)
     return manifest
@@ -400,15 +445,24 @@ _JPEG_SOF = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 def image_shape(data: bytes, where: str) -> tuple[tuple[int, int, int] | None, str | None]:
     """((C, H, W), None) from the image's header, C as once forced to 'L' or 'RGB'; or (None, why)
-    when it cannot be read. PNG and JPEG headers are parsed here (a microsecond), others by PIL."""
-    shape = _png_shape(data) or _jpeg_shape(data)
-    if shape is not None:
-        return shape, None
+    when it cannot be read. PNG and JPEG headers are parsed here (a microsecond), others by PIL. An image
+    beyond the decompression-bomb limit (shardset.pixel_limit) cannot be read either: it is skipped when read."""
+    from dcscale.data.shardset import check_pixels
+
     try:
+        shape = header_shape(data)
+        if shape is not None:
+            check_pixels(shape[2], shape[1])
+            return shape, None
         with Image.open(io.BytesIO(data)) as image:  # reads the header only
             return (channels_of_mode(image.mode), image.height, image.width), None
     except Exception as err:  # PIL raises many types for bad bytes; all mean "undecodable"
         return None, f"{where}: {err}"
+
+
+def header_shape(data: bytes) -> tuple[int, int, int] | None:
+    """(C, H, W) from a PNG or JPEG header, or None for another format or an unreadable header."""
+    return _png_shape(data) or _jpeg_shape(data)
 
 
 def _png_shape(data: bytes) -> tuple[int, int, int] | None:

@@ -7,8 +7,10 @@ already-encoded files, with labels or None) and what the manifest says about the
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
 import struct
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
@@ -266,24 +268,50 @@ def read_svhn(path: str | Path, split: str = "train") -> SourceData:
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+_DEFLATE_MAX_RATIO = 1032  # deflate never expands data more than this: bounds what a .gz file can hold
+
+
 def read_idx(file: Path) -> np.ndarray:
-    """Parse an idx file (optionally gzipped): magic 0 0 dtype ndim, big-endian dims, data."""
-    opener = gzip.open if file.suffix == ".gz" else open
+    """Parse an idx file (optionally gzipped): magic 0 0 dtype ndim, big-endian dims, data.
+
+    The header is read first and the data size it announces checked against the file (its size, or
+    for a .gz file the most its compressed size can expand to) before the data is read, into one
+    buffer of exactly that size: a lying header is one line, never a read of the whole file into memory."""
+    gzipped = file.suffix == ".gz"
     try:
-        with opener(file, "rb") as f:
-            raw = f.read()
-    except OSError as err:
+        on_disk = file.stat().st_size
+        with (gzip.open if gzipped else open)(file, "rb") as f:
+            magic = f.read(4)
+            if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] not in _IDX_DTYPES or magic[3] == 0:
+                raise DataError(f"{file}: not an idx file (" + (f"{len(magic)} bytes: the 4-byte header is cut short)"
+                                if len(magic) < 4 else f"header {magic.hex()}: expected 00 00, a type code, ndim)"))
+            ndim = magic[3]
+            raw_dims = f.read(4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise DataError(f"{file}: idx header cut short ({ndim} dimensions announced, "
+                                f"{len(raw_dims) // 4} present)")
+            dims = struct.unpack(f">{ndim}I", raw_dims)
+            dtype = np.dtype(_IDX_DTYPES[magic[2]])
+            expected = math.prod(dims) * dtype.itemsize
+            room = on_disk * _DEFLATE_MAX_RATIO if gzipped else on_disk - 4 - 4 * ndim
+            if expected > room:
+                raise DataError(f"{file}: its header announces {expected:,} data bytes ({' x '.join(map(str, dims))}), "
+                                f"more than the file holds")
+            body = bytearray(expected)
+            got = f.readinto(body)
+            while got < expected:
+                more = f.readinto(memoryview(body)[got:])
+                if not more:
+                    break
+                got += more
+            extra = len(f.read(1))
+    except DataError:
+        raise
+    except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"{file}: cannot read ({err})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DataError(f"{file}: not an idx file")
-    ndim = raw[3]
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = int(np.prod(dims)) * dtype.itemsize
-    body = raw[4 + 4 * ndim:]
-    if len(body) != expected:
-        raise DataError(f"{file}: {len(body)} data bytes, header says {expected}")
-    return np.frombuffer(body, dtype=dtype).reshape(dims)
+    if got != expected or extra:
+        raise DataError(f"{file}: {'more than ' if extra else ''}{got} data bytes, header says {expected}")
+    return np.frombuffer(bytes(body), dtype=dtype).reshape(dims)
 
 
 def _find_idx(root: Path, stem: str) -> Path:

@@ -100,6 +100,8 @@ def load_manifest(root: str | Path) -> Manifest:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise DataError(f"{path}: nested too deeply to be a manifest") from None
     if not isinstance(raw, dict):
         raise DataError(f"{path}: expected a JSON object")
 
@@ -109,15 +111,20 @@ def load_manifest(root: str | Path) -> Manifest:
     shards = []
     for entry in _need(raw, "shards", list, path):
         if not isinstance(entry, dict):
-            raise DataError(f"{path}: invalid shard entry {entry!r}")
+            raise DataError(f"{path}: invalid shard entry {str(entry)[:80]}")
         name = _need(entry, "name", str, path)
         count = _need(entry, "count", int, path)
         size = _need(entry, "size", int, path, optional=True)
         if count < 0:
             raise DataError(f"{path}: shard {name} has a negative count")
         shards.append(ShardInfo(name=name, count=count, size=size))
-    if len({s.name for s in shards}) != len(shards):
-        raise DataError(f"{path}: a shard is listed twice")
+    seen: dict[str, str] = {}
+    for shard in shards:  # the same file under two spellings ('a.tar', './a.tar', its absolute path) too
+        where = os.path.normpath(os.path.join(os.path.abspath(root), shard.name))
+        if where in seen:
+            raise DataError(f"{path}: shard {shard.name} is listed twice"
+                            + (f" (also as {seen[where]})" if seen[where] != shard.name else ""))
+        seen[where] = shard.name
 
     manifest = Manifest(
         version=version,

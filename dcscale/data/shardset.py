@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dcscale.data.manifest import Manifest, load_manifest, manifest_path
-from dcscale.data.tarindex import IMAGE_EXTS, IndexFile, TarIndex, parse_label, read_labels, scan_tar
+from dcscale.data.manifest import MANIFEST_NAME, Manifest, load_manifest, manifest_path
+from dcscale.data.tarindex import IMAGE_EXTS, IndexFile, TarIndex, file_sha256, parse_label, read_labels, scan_tar
 from dcscale.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ def _decode_fast(data: bytes):
     ops = _image_ops()
     if ops is None:
         return None
+    _check_pixels(data)  # (outside the try: a bomb is refused, not handed to PIL)
     decode_png, decode_jpeg, unchanged = ops
     try:
         if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and data[24] == 8 and data[25] in (0, 2, 4, 6):
@@ -94,6 +95,29 @@ def _decode_fast(data: bytes):
     except Exception:  # PIL gets the last word on whether the bytes are undecodable
         return None
     return image if image.dtype == torch.uint8 and image.dim() == 3 else None
+
+
+def pixel_limit() -> int | None:
+    """The most pixels an image may have: PIL's decompression-bomb limit (twice Image.MAX_IMAGE_PIXELS, what
+    the folder converter and every PIL decode apply), or None when it is switched off."""
+    return 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+
+
+def _check_pixels(data: bytes) -> None:
+    """Raise Image.DecompressionBombError when the header of a PNG or JPEG announces more pixels than
+    pixel_limit(): libpng and libjpeg would allocate them all (gigabytes for a file of a few kilobytes)."""
+    from dcscale.data.build import header_shape  # (the shard set builder's header parser; imported late: it imports us)
+
+    shape = header_shape(data)
+    if shape is not None:
+        check_pixels(shape[2], shape[1])
+
+
+def check_pixels(width: int, height: int) -> None:
+    limit = pixel_limit()
+    if limit and width * height > limit:
+        raise Image.DecompressionBombError(f"image of {width}x{height} pixels is beyond the limit of {limit:,} "
+                                           f"pixels (a decompression bomb?)")
 
 
 _IMAGE_OPS: tuple | bool | None = None
@@ -191,13 +215,24 @@ class ShardSet:
 
     # ---- index -----------------------------------------------------------------------------
     def _open_index_file(self) -> IndexFile | None:
-        """The build's sidecar index when it matches the manifest (else None: the tars get scanned)."""
+        """The build's sidecar index when it matches the manifest (else None: the tars get scanned).
+
+        Its size, and its sha256 when the manifest records one (shard sets built since the checksum
+        was added), are checked: an index edited in place (two rows swapped, a label changed) is not
+        used, with a warning, and the tars' headers are scanned instead. Older shard sets, without the
+        checksum, are read as before (size and shard layout checked only)."""
         name, size = self.manifest.extra.get("index_file"), self.manifest.extra.get("index_file_size")
+        digest = self.manifest.extra.get("index_file_sha256")
         if not name or any(s.size is None for s in self.manifest.shards):
             return None
         path = self.root / name
         try:
             if path.stat().st_size == size:
+                if digest is not None and file_sha256(path) != digest:
+                    log.warning("%s: %s does not match the checksum in %s (edited or damaged); not used: reading "
+                                "the tars' headers instead (rebuild it with `dcscale shards index`)", self.root, name,
+                                MANIFEST_NAME)
+                    return None
                 return IndexFile(path, self.manifest.shard_starts())
         except (OSError, ValueError):
             pass

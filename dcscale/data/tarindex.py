@@ -11,6 +11,7 @@ for a whole shard set and is read one row at a time, so a process never holds it
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import re
@@ -347,6 +348,15 @@ def save_index_file(path: str | Path, indexes: list[TarIndex], labels: list[np.n
         np.save(f, rows, allow_pickle=False)
     tmp.replace(path)
     return path.stat().st_size
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in blocks (the sidecar index's checksum in the manifest)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class IndexRow(NamedTuple):

@@ -142,6 +142,7 @@ def run(args) -> int:
         model, cfg, shape = ft.load_checkpoint_model(args.checkpoint, env.device)
         layer = check_layer(args.layer, model)
         shardset = ShardSet(args.shards)
+        ft.check_channels(shardset, shape[0], f"the network of {args.checkpoint}")
         out = Path(args.out)
         # Rank 0 alone touches the directory, after every input checked out; the broadcast makes every
         # rank stop (or go on) together.

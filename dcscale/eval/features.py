@@ -79,6 +79,13 @@ def load_checkpoint_model(path: str | Path, device: torch.device):
     return net.model.to(device).eval(), net.cfg, net.image_shape
 
 
+def check_channels(shardset, channels: int, what: str) -> None:
+    """One line when a shard set's images have another channel count than the network takes (RGB
+    images through a grey network would be silently turned grey, or the other way round)."""
+    if shardset.channels is not None and shardset.channels != channels:
+        raise DcscaleError(f"{shardset.root}: {shardset.channels}-channel images, but {what} takes {channels}")
+
+
 def random_init_model(cfg: Config, in_channels: int, image_size: int, seed: int, device: torch.device):
     """A freshly initialised network of cfg.model, reproducible from `seed` (CPU RNG, then moved)."""
     from dcscale.models import build_model_from_config

@@ -18,7 +18,10 @@ and with --select-seed best_init.pt (the best initialisation of the recommended 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import re
 import time
 from pathlib import Path
 
@@ -27,7 +30,7 @@ import numpy as np
 from dcscale.config import Config, config_to_dict, format_value, load_config, parse_value_list
 from dcscale.errors import ConfigError, DataError
 from dcscale.eval import features as ft
-from dcscale.train.loop import check_clusterable
+from dcscale.train.loop import check_clusterable, degenerate_settings
 
 VARY_EXAMPLES = "cluster.k=10,50,100,500, cluster.pca_dim=..., model.arch=..., model.sobel=..."
 
@@ -81,23 +84,25 @@ def cycle0_labels(cfg: Config, feats: np.ndarray, indices: np.ndarray, n_total: 
     return assign_labels(indices, z, centroids, n_total)
 
 
-def sample_ia(base: Config, key: str, values: list, seeds: int, env, shardset, log=print,
+def sample_ia(base: Config, key: str, values: list, seeds: int, env, shards_of, log=print,
               keep_best: bool = False, labels_dir: Path | None = None) -> tuple[list[dict], dict]:
     """Every (value, seed) sample's IA; with keep_best, the best init's weights per value.
+    `shards_of(cfg)` is the labelled shard set of a config (its data.train: `--vary data.train=A,B`
+    clusters B for B's samples).
 
     Returns (samples, best) where best[value] = {"ia", "seed", "state", "config", "image_shape"}.
     """
     from dcscale.cluster.metrics import nmi_scores
     from dcscale.train.phases import extract_features
 
-    gt = shardset.labels()
-    n_total = len(shardset)
     samples: list[dict] = []
     best: dict[str, dict] = {}
     for s in range(seeds):
         cached_key, cached = None, None
         for value in values:
             cfg = _with(base, key, value, seed=base.seed + s)
+            shardset = shards_of(cfg)
+            gt, n_total = shardset.labels(), len(shardset)
             channels, size = ft.input_shape(cfg, shardset)
             t0 = time.perf_counter()
             model = ft.random_init_model(cfg, channels, size, cfg.seed, env.device)
@@ -124,13 +129,23 @@ def sample_ia(base: Config, key: str, values: list, seeds: int, env, shardset, l
                 f"(empty {sample['empty_clusters']}, {sample['t_extract']:.1f}+{sample['t_cluster']:.1f} s)")
             if labels_dir is not None and env.is_main:
                 labels_dir.mkdir(parents=True, exist_ok=True)
-                np.save(labels_dir / f"{key}={format_value(value)}_seed{cfg.seed}.npy", labels)
+                np.save(labels_dir / labels_file_name(key, value, cfg.seed), labels)
             name = format_value(value)
             if keep_best and (name not in best or ia > best[name]["ia"]):
                 best[name] = {"ia": ia, "seed": cfg.seed, "value": value, "config": config_to_dict(cfg),
                               "image_shape": [channels, size, size],
                               "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
     return samples, best
+
+
+def labels_file_name(key: str, value, seed: int) -> str:
+    """`KEY=VALUE_seedS.npy`; a value that is not a plain name (a path, for `--vary data.train=...`) has its
+    other characters replaced and a short hash of it added, so it stays one distinct file inside the folder."""
+    text = format_value(value)
+    safe = re.sub(r"[^\w.+-]", "_", text)
+    if safe != text:
+        safe += "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return f"{key}={safe}_seed{seed}.npy"
 
 
 def _with(base: Config, key: str, value, seed: int) -> Config:
@@ -214,16 +229,29 @@ def run(args) -> int:
         raise ConfigError("--seeds must be >= 1")
     for value in values:  # every value must make a valid config before anything runs
         _with(base, key, value, base.seed)
-    if base.data.train is None:
+    if base.data.train is None and key != "data.train":
         raise ConfigError(f"data.train is not set in {args.config}")
     env = dist.init_distributed(base.dist.backend, base.dist.timeout_min, base.cluster.wait_timeout_min)
     try:
-        shardset = ShardSet(base.data.train)
-        if not shardset.manifest.has_labels:
-            raise DataError(f"{shardset.root}: IA needs ground-truth labels and this shard set has none")
+        opened: dict[str, ShardSet] = {}
+
+        def shards_of(cfg: Config) -> ShardSet:
+            if cfg.data.train not in opened:
+                shards = ShardSet(cfg.data.train)
+                if not shards.manifest.has_labels:
+                    raise DataError(f"{shards.root}: IA needs ground-truth labels and this shard set has none")
+                opened[cfg.data.train] = shards
+            return opened[cfg.data.train]
+
+        for value in values:  # every value's shard set opens before anything runs
+            cfg = _with(base, key, value, base.seed)
+            if env.is_main:
+                for warning in degenerate_settings(cfg, len(shards_of(cfg))):
+                    logging.getLogger("dcscale").warning("%s=%s: %s", key, format_value(value), warning)
+        shardset = shards_of(base if base.data.train is not None else _with(base, key, values[0], base.seed))
         out = Path(args.out)
         log = print if env.is_main else (lambda *_: None)
-        samples, best = sample_ia(base, key, values, args.seeds, env, shardset, log=log,
+        samples, best = sample_ia(base, key, values, args.seeds, env, shards_of, log=log,
                                   keep_best=args.select_seed,
                                   labels_dir=out / "labels" if args.save_labels else None)
         if not env.is_main:
@@ -234,6 +262,8 @@ def run(args) -> int:
         result = {"key": key, "values": values, "seeds": args.seeds, "config": str(args.config),
                   "overrides": list(args.overrides), "train": str(shardset.root), "n_images": len(shardset),
                   "world_size": env.world_size, "samples": samples, "summary": summary,
+                  **({"train_by_value": {format_value(v): str(shards_of(_with(base, key, v, base.seed)).root)
+                                         for v in values}} if key == "data.train" else {}),
                   "summary_geometric": summarise_by_value(samples, values, "ia_geometric"),
                   "recommendation": {"key": key, "value": next(v for v in values if format_value(v) == chosen),
                                      "median_ia": summary[chosen]["median"]}}

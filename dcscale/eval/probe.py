@@ -565,21 +565,42 @@ def train_probe_online(features_fn, dims: dict[str, int], train_ss, test_ss, tra
 # ---- features (extracted once, cached) -------------------------------------------------------------
 
 
-def _cache_paths(cache_dir: Path, source_key: str, layer: str, split_root: Path, variant: str,
+def _cache_paths(cache_dir: Path, source_key: str, layer: str, shardset, variant: str,
                  rank: int = 0, world_size: int = 1):
-    """One process caches a split's features in one file pair; W ranks, one pair per rank (its rows)."""
-    split_key = hashlib.sha1(str(split_root.resolve()).encode()).hexdigest()[:8]
-    stem = f"{source_key}_{layer}_{split_root.name}-{split_key}_{variant}"
+    """One process caches a split's features in one file pair; W ranks, one pair per rank (its rows).
+    Keyed by the shard set's content (shard_set_key), never by its path alone."""
+    stem = f"{source_key}_{layer}_{shardset.root.name}-{shard_set_key(shardset)}_{variant}"
     if world_size > 1:
         stem += f"_rank{rank}of{world_size}"
     return cache_dir / f"{stem}.feats.npy", cache_dir / f"{stem}.labels.npy"
 
 
+def shard_set_key(shardset) -> str:
+    """Identifies a shard set's content, not its path: the manifest's bytes and every tar's size and
+    modification time. A shard set rebuilt at the same path (new tars, or the same names over other
+    images) gets a new key, so cached features are never another set's."""
+    from dcscale.data.manifest import manifest_path
+
+    h = hashlib.sha256(manifest_path(shardset.root).read_bytes())
+    for info in shardset.manifest.shards:
+        st = (shardset.root / info.name).stat()
+        h.update(f"|{info.name}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode())
+    return h.hexdigest()[:12]
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def source_key(kind: str, checkpoint: Path | None, cfg: Config | None, seed: int | None, image_size: int) -> str:
-    """Identifies the network the features come from: checkpoint file (path, size, mtime) or init."""
+    """Identifies the network the features come from: the checkpoint's content (a file replaced at the same
+    path, even with the same size and time, is another network), or the init, with the input options."""
     if kind == "checkpoint":
-        st = checkpoint.stat()
-        text = f"{checkpoint.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        text = file_digest(checkpoint)
     elif kind == "random":
         text = f"{cfg.model}|{seed}"
     else:
@@ -691,9 +712,7 @@ def _network(args, env, train_ss):
         cfg = cfg or ckpt_cfg
         seed = args.seed if args.seed is not None else ckpt_cfg.seed
         channels, size = shape[0], shape[1]
-        if train_ss.channels is not None and train_ss.channels != channels:
-            raise DcscaleError(f"{args.train}: {train_ss.channels}-channel images, but the checkpoint's "
-                               f"network takes {channels}")
+        ft.check_channels(train_ss, channels, "the checkpoint's network")
         return model, cfg, "checkpoint", Path(args.checkpoint), seed, channels, size
     if args.random_init:
         if cfg is None:
@@ -805,7 +824,7 @@ def run(args) -> int:
                 fn = plan.features_fn(layer)
                 splits = []
                 for ss in (train_ss, test_ss):
-                    cache = (_cache_paths(cache_dir, key, layer, ss.root, variant, env.rank, env.world_size)
+                    cache = (_cache_paths(cache_dir, key, layer, ss, variant, env.rank, env.world_size)
                              if cache_dir else None)
                     splits.append(layer_features(fn, ss, plan.test_tf, env, batch_size, workers, cache))
                 (tr_x, tr_y), (te_x, te_y) = splits

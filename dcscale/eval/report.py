@@ -229,7 +229,7 @@ def write_cluster_images(run_dir: Path, rows: list[dict], out: Path) -> list[Pat
         log.info("report: no montage: %s holds none up to cycle %d", run_dir / images.RECORD_NAME, last["cycle"])
     truth = shards.labels()
     if truth is not None:
-        labels = _saved_labels(run_dir / "labels.npy", len(truth))
+        labels = _saved_labels(run_dir / "labels.npy", len(truth), cfg.cluster.k)
         if labels is not None:
             nmi = last.get("nmi_gt")
             title = f"cycle {last['cycle']}: pseudo-labels against classes" + (f", NMI {nmi:.3f}" if nmi else "")
@@ -244,9 +244,9 @@ def write_cluster_images(run_dir: Path, rows: list[dict], out: Path) -> list[Pat
     return written
 
 
-def _saved_labels(path: Path, n: int) -> np.ndarray | None:
+def _saved_labels(path: Path, n: int, k: int) -> np.ndarray | None:
     """The run's pseudo-labels (int32 [n]), or None (with a note) when they are missing or not for
-    this shard set."""
+    this shard set, or (with a warning) when they are not all in -1..k-1."""
     try:
         labels = np.load(path)  # never unpickles: allow_pickle is off
     except (OSError, ValueError) as err:
@@ -254,6 +254,13 @@ def _saved_labels(path: Path, n: int) -> np.ndarray | None:
         return None
     if labels.ndim != 1 or len(labels) != n or not np.issubdtype(labels.dtype, np.integer):
         log.info("report: no contingency heatmap: %s does not hold %d integer labels", path, n)
+        return None
+    outside = (labels < -1) | (labels >= k)
+    if outside.any():
+        first = int(np.argmax(outside))
+        log.warning("report: no contingency heatmap: %s holds %d label(s) outside -1..%d (cluster.k = %d), first "
+                    "%d at image %d (damaged, or not this run's)", path, int(outside.sum()), k - 1, k,
+                    int(labels[first]), first)
         return None
     return labels
 

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from dcscale.safefile import write_new_text
+
 TAG_MONTAGE = "clusters/montage"
 TAG_CONTINGENCY = "clusters/contingency"
 TAG_FILTERS = "filters/first_layer"
@@ -114,7 +116,7 @@ def write_record(run_dir: Path, record: dict) -> None:
     """Replace RUN_DIR/clusters.json (a rename: a reader never sees half a file)."""
     path = Path(run_dir) / RECORD_NAME
     tmp = path.with_name(f".{RECORD_NAME}.tmp")
-    tmp.write_text(json.dumps(record))
+    write_new_text(tmp, json.dumps(record))
     tmp.replace(path)
 
 

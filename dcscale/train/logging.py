@@ -14,12 +14,18 @@ from pathlib import Path
 import numpy as np
 
 from dcscale.errors import DcscaleError
+from dcscale.safefile import open_append, write_new_text
 
 PHASES = ("extract", "pca", "kmeans", "assign", "train")
 PROGRESS_ENV = "DCSCALE_PROGRESS_S"  # seconds between progress lines in logs (0: every 10%)
 DEFAULT_PROGRESS_S = 60.0
 
 log = logging.getLogger("dcscale")
+
+
+def json_row(metrics: dict) -> dict:
+    """A cycle's metrics.jsonl row: JSON-safe values."""
+    return {k: _clean(v) for k, v in metrics.items()}
 
 
 def _clean(value):
@@ -38,25 +44,47 @@ class MetricsLogger:
     events from step C on are purged, so a resumed run's logs read like an uninterrupted run's.
     """
 
-    def __init__(self, run_dir: str | Path, resume_cycle: int = 0):
+    def __init__(self, run_dir: str | Path, resume_cycle: int = 0, last_row: dict | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._truncate_from(resume_cycle)
+        self._truncate_from(resume_cycle, last_row)
         self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=resume_cycle if resume_cycle else None)
 
-    def _truncate_from(self, cycle: int) -> None:
+    def _truncate_from(self, cycle: int, last_row: dict | None = None) -> None:
+        """Keep the rows of cycles before `cycle`. A line that is not a JSON row (cut short: by a kill
+        while it was written, which the resume redoes anyway, or by later damage) is dropped with a
+        warning; the row of the checkpoint's last finished cycle (`last_row`) is written again when it is
+        missing, and rows still missing are named, never lost without a word."""
         if not self.path.exists():
             return
-        kept = []
-        for line in metrics_lines(self.path):
+        kept, damaged = {}, []
+        for number, line in enumerate(metrics_lines(self.path), 1):
             try:
-                if json.loads(line).get("cycle", -1) < cycle:
-                    kept.append(line)
+                row = json.loads(line)
+                row_cycle = row.get("cycle") if isinstance(row, dict) else None
             except json.JSONDecodeError:
-                continue  # a line cut short by a kill
+                row_cycle = None
+            if not isinstance(row_cycle, int) or isinstance(row_cycle, bool):
+                if line.strip():
+                    damaged.append(number)
+                continue
+            if row_cycle < cycle:
+                kept[row_cycle] = line
+        missing = [c for c in range(cycle) if c not in kept]
+        restored = last_row is not None and last_row.get("cycle") in missing
+        if restored:
+            kept[last_row["cycle"]] = json.dumps(last_row)
+            missing.remove(last_row["cycle"])
+        if damaged or restored or missing:
+            what = f"line(s) {', '.join(map(str, damaged))} damaged (not a JSON row), dropped" if damaged else \
+                "rows missing"
+            fixed = f"; the row of cycle {last_row['cycle']} was written again from the checkpoint" if restored else ""
+            lost = (f"; no row for cycle(s) {', '.join(map(str, missing))} (the checkpoint holds only its last "
+                    f"cycle's row): their numbers are lost from metrics.jsonl" if missing else "")
+            log.warning("%s: %s%s%s", self.path, what, fixed, lost)
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
+        write_new_text(tmp, "".join(f"{kept[c]}\n" for c in sorted(kept)))
         tmp.replace(self.path)
 
     def log_cycle(self, metrics: dict, cluster_sizes: np.ndarray | None = None, draw_images=None) -> None:
@@ -67,8 +95,8 @@ class MetricsLogger:
             for tag, image in draw_images().items():
                 self.add_image(tag, image, metrics["cycle"])
             metrics["t_images"] = time.perf_counter() - start
-        row = {k: _clean(v) for k, v in metrics.items()}
-        with open(self.path, "a") as f:
+        row = json_row(metrics)
+        with open_append(self.path) as f:
             f.write(json.dumps(row) + "\n")
         cycle = metrics["cycle"]
         for key, value in row.items():

@@ -28,7 +28,7 @@ from dcscale.cluster.kmeans import cycle_seed, kmeans_memory_bytes, physical_mem
 from dcscale.cluster.lloyd import distributed_kmeans_memory_bytes
 from dcscale.cluster.metrics import cluster_stats, nmi_scores
 from dcscale.cluster.pca import PCA, fit_pca_across_ranks
-from dcscale.config import Config, config_to_dict
+from dcscale.config import Config, config_to_dict, get_key
 from dcscale.data.loaders import SeededDraws
 from dcscale.data.sampler import UniformClusterSampler
 from dcscale.data.shardset import ShardSet
@@ -42,7 +42,7 @@ from dcscale.train.checkpoint import (FORMAT, atomic_write, find_resume_checkpoi
 from dcscale.train.compute import Compute, check_platform, grad_scaler, prepare_model
 from dcscale.train.images import (MONTAGE_PER_ROW, cluster_record, cycle_images, montage_clusters, montage_due,
                                   write_record)
-from dcscale.train.logging import MetricsLogger, console_line
+from dcscale.train.logging import MetricsLogger, console_line, json_row
 from dcscale.train.rundir import check_same_run, claim_run_dir, decided_by_main, release_run_dir, write_run_config
 
 log = logging.getLogger("dcscale")
@@ -67,6 +67,9 @@ class RunState:
     totals: dict = field(default_factory=zero_totals)
     skipped_images: int = 0
     grad_scaler: torch.amp.GradScaler | None = None  # fp16's loss scaling (its state: the scale, its growth count)
+    # (rank 0) metrics.jsonl's row of the last finished cycle, as written: a resume that finds that line
+    # damaged writes it again from here
+    last_row: dict | None = None
 
 
 def summed_totals(totals: dict) -> dict:
@@ -83,7 +86,8 @@ def train(cfg: Config) -> dict:
     channels, image_size = input_shape(shards, cfg)
     # Only rank 0 logs the NMIs, so only it holds the ground truth and the previous labels (4 N bytes each).
     gt_labels = shards.labels() if shards.manifest.has_labels and env.is_main else None
-    knn_queries = monitor_shards(cfg)  # opened (and checked) now, not at the first k-NN cycle
+    check_output_dir(cfg)
+    knn_queries = monitor_shards(cfg, shards)  # opened (and checked) now, not at the first k-NN cycle
     eval_tf = eval_transform(image_size, channels, resize=cfg.data.resize, mean=cfg.data.mean, std=cfg.data.std)
     train_tf = train_transform(image_size, channels, cfg.train.augment, cfg.train.crop_scale_min,
                                cfg.train.hflip, mean=cfg.data.mean, std=cfg.data.std,
@@ -93,6 +97,9 @@ def train(cfg: Config) -> dict:
     model = build_model_from_config(cfg, in_channels=channels, image_size=image_size).to(env.device)
     prepare_model(model, cfg, env.distributed)  # SyncBatchNorm, channels_last, compile (in place)
     check_clusterable(cfg, model, shards)
+    if env.is_main:
+        for warning in degenerate_settings(cfg, len(shards)):
+            log.warning(warning)
     if cfg.model.init:
         load_initial_weights(model, cfg.model.init)
     body_opt = torch.optim.SGD(model.body_parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
@@ -176,6 +183,7 @@ def train(cfg: Config) -> dict:
         drawn = draw_images if cfg.output.images_every is not None else None
         written_by_main(run_dir, lambda: logger.log_cycle(metrics, sizes, drawn))
         if env.is_main:
+            state.last_row = json_row(metrics)
             print(console_line(metrics), flush=True)
         # The cycle is done: the next checkpoint position is the start of the next cycle.
         state.cycle, state.epoch, state.step = cycle + 1, 0, 0
@@ -216,7 +224,7 @@ def open_run_dir(cfg: Config, run_dir: Path, resume_path: Path | None, state: Ru
         write_run_config(cfg, run_dir, changes, state.cycle, resumed=own)
         if state.labels is not None:
             atomic_write(run_dir / "labels.npy", lambda f: np.save(f, state.labels))
-        return MetricsLogger(run_dir, resume_cycle=state.cycle)
+        return MetricsLogger(run_dir, resume_cycle=state.cycle, last_row=state.last_row)
     except OSError as err:
         raise write_failure(err, newest_checkpoint(run_dir)) from None
 
@@ -238,6 +246,26 @@ def save_run_checkpoint(model, body_opt, head_opt, state: RunState, cfg: Config,
     written_by_main(run_dir, lambda: save_checkpoint(checkpoint_state(model, body_opt, head_opt, state, cfg, *shape),
                                                      run_dir, cfg.checkpoint.keep_last))
     dist.barrier()
+
+
+FAISS_MIN_POINTS_PER_CENTROID = 39  # below this faiss itself warns that k-means has too few points
+
+
+def degenerate_settings(cfg: Config, n_images: int) -> list[str]:
+    """Settings that run but make the clustering meaningless: one warning line each."""
+    c, warnings = cfg.cluster, []
+    sample = min(c.pca_sample or n_images, n_images)
+    if c.pca_dim is not None and sample < c.pca_dim:
+        warnings.append(f"cluster.pca_sample = {c.pca_sample} ({sample} rows) is below cluster.pca_dim = {c.pca_dim}: "
+                        f"the PCA is fitted on fewer rows than the dimensions it keeps, so at most {sample - 1} carry "
+                        f"any variance and whitening blows up noise in the others; raise pca_sample or lower pca_dim")
+    if c.max_points_per_centroid is not None and c.max_points_per_centroid < FAISS_MIN_POINTS_PER_CENTROID:
+        warnings.append(f"cluster.max_points_per_centroid = {c.max_points_per_centroid}: k-means trains on at most "
+                        f"{c.max_points_per_centroid} row(s) per centroid"
+                        + (" (each centroid is one image)" if c.max_points_per_centroid == 1 else "")
+                        + f", too few to mean much (faiss advises at least {FAISS_MIN_POINTS_PER_CENTROID}); "
+                        f"use null for no cap")
+    return warnings
 
 
 def check_clusterable(cfg: Config, model, shards: ShardSet) -> None:
@@ -301,8 +329,20 @@ def check_decodable(cfg: Config, shards: ShardSet, n_decoded: int) -> None:
                            f"{shards.root} ({n - n_decoded} could not be decoded); use at most {n_decoded}")
 
 
-def monitor_shards(cfg: Config) -> ShardSet | None:
-    """The labelled shard set the k-NN monitor queries, when the monitor is on."""
+def check_output_dir(cfg: Config) -> None:
+    """output.dir may be neither a shard set's directory nor a folder inside one (the run's files would mix
+    with the dataset's). (An empty output.dir is refused by the config's checks.)"""
+    run_dir = Path(cfg.output.dir).resolve()
+    for key in ("data.train", "data.test"):
+        root = get_key(cfg, key)
+        if root is not None and (run_dir == Path(root).resolve() or Path(root).resolve() in run_dir.parents):
+            raise DcscaleError(f"output.dir {cfg.output.dir} is {'inside ' if run_dir != Path(root).resolve() else ''}"
+                               f"the shard set of {key} ({root}): give the run a directory of its own")
+
+
+def monitor_shards(cfg: Config, train: ShardSet | None = None) -> ShardSet | None:
+    """The labelled shard set the k-NN monitor queries, when the monitor is on; its images must have the
+    training images' shape (`train`), or the monitor would compare unlike pictures."""
     if not cfg.eval.knn_every:
         return None
     if cfg.data.test is None:
@@ -311,6 +351,17 @@ def monitor_shards(cfg: Config) -> ShardSet | None:
     queries = ShardSet(cfg.data.test)
     if not queries.manifest.has_labels:
         raise DcscaleError(f"data.test {cfg.data.test} has no labels: the k-NN monitor needs a labelled set")
+    if train is not None:
+        shape, want = queries.manifest.image_shape, train.manifest.image_shape
+        if (queries.channels, train.channels) != (None, None) and queries.channels != train.channels or \
+                shape is not None and want is not None and list(shape) != list(want):
+            def show(s: ShardSet) -> str:
+                given = s.manifest.image_shape
+                return "x".join(map(str, given)) if given else f"{s.channels}-channel images of several sizes"
+
+            raise DcscaleError(f"data.test {cfg.data.test} holds {show(queries)} images but data.train "
+                               f"{cfg.data.train} holds {show(train)}: the k-NN monitor needs a test set of the "
+                               f"training images' shape")
     return queries
 
 
@@ -523,6 +574,7 @@ def checkpoint_state(model, body_opt, head_opt, state: RunState, cfg: Config, ch
         "clustered_this_cycle": state.clustered_this_cycle,
         "labels": _tensor_or_none(state.labels), "prev_labels": _tensor_or_none(state.prev_labels),
         "cycle_metrics": plain_values(state.cycle_metrics), "totals": plain_values(state.totals),
+        "last_row": state.last_row,
         "skipped_images": int(state.skipped_images),
         "grad_scaler": state.grad_scaler.state_dict() if state.grad_scaler is not None else None,
         "rng": torch.get_rng_state(),
@@ -573,7 +625,8 @@ def restore(ckpt: dict, path: Path, model, body_opt, cfg: Config, n_images: int,
                      clustered_this_cycle=ckpt["clustered_this_cycle"], labels=_array_or_none(ckpt["labels"]),
                      prev_labels=_array_or_none(ckpt["prev_labels"]) if dist_env.is_main else None,
                      cycle_metrics=dict(ckpt["cycle_metrics"]),
-                     totals=dict(totals), skipped_images=ckpt.get("skipped_images", 0), grad_scaler=scaler)
+                     totals=dict(totals), skipped_images=ckpt.get("skipped_images", 0), grad_scaler=scaler,
+                     last_row=ckpt.get("last_row") if dist_env.is_main else None)
     return state, head_opt
 
 

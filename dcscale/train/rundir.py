@@ -22,9 +22,12 @@ from pathlib import Path
 from dcscale import dist
 from dcscale.config import RESUME_MAY_CHANGE, Config, format_value, resume_differences, save_config
 from dcscale.errors import DcscaleError
+from dcscale.safefile import create_new, open_fd, refuse_links
 from dcscale.train.checkpoint import checkpoint_dir
 
 LOCK_NAME = ".lock"
+# What a run writes in its directory: none of them may be a link (it would lead the writes elsewhere).
+RUN_FILES = (LOCK_NAME, "checkpoints", "tb", "metrics.jsonl", "config.yaml", "labels.npy", "clusters.json")
 _HISTORY_HEADER = "# Changed when the run was resumed (key: old -> new, from that cycle on):"
 _HELD: dict[Path, object] = {}  # run directory -> its open, locked lock file (this process)
 
@@ -55,7 +58,8 @@ def claim_run_dir(run_dir: Path) -> None:
         return
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(run_dir / LOCK_NAME, "a+")
+        refuse_links(run_dir, RUN_FILES)
+        handle = os.fdopen(open_fd(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT), "r+")
     except OSError as err:
         raise DcscaleError(f"output.dir {run_dir} is not writable: {err.strerror}") from None
     try:
@@ -91,7 +95,7 @@ def _check_writable(folder: Path) -> None:
     try:
         folder.mkdir(exist_ok=True)
         probe = folder / f".write-test.{os.getpid()}.tmp"
-        probe.write_bytes(b"")
+        create_new(probe).close()
         probe.unlink()
     except OSError as err:
         raise DcscaleError(f"{folder} is not writable: {err.strerror}") from None
