@@ -624,10 +624,15 @@ def test_embed_refuses_rgb_images_through_a_grey_network(finished_run, tmp_path,
 def test_degenerate_cluster_settings_warn_once_at_start(digits_train_shards, tmp_path, capsys, caplog):
     code, err = dcscale(capsys, "train", "--config", CONFIG,
                         *tiny_run_overrides(digits_train_shards, tmp_path / "run", **{
-                            "train.cycles": 1, "cluster.pca_dim": 16, "cluster.pca_sample": 8,
-                            "cluster.max_points_per_centroid": 1}))
+                            "train.cycles": 1, "cluster.pca_dim": 16, "cluster.max_points_per_centroid": 1}))
     assert code == 0, err
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "cluster." in r.getMessage()]
-    assert len(warnings) == 2, warnings
-    assert "cluster.pca_sample = 8 (8 rows) is below cluster.pca_dim = 16" in warnings[0]
-    assert "cluster.max_points_per_centroid = 1" in warnings[1] and "each centroid is one image" in warnings[1]
+    assert len(warnings) == 1, warnings
+    assert "cluster.max_points_per_centroid = 1" in warnings[0] and "each centroid is one image" in warnings[0]
+
+
+def test_pca_sample_below_pca_dim_is_refused_before_any_work(digits_train_shards, tmp_path, capsys):
+    code, err = dcscale(capsys, "train", "--config", CONFIG, *tiny_run_overrides(
+        digits_train_shards, tmp_path / "run", **{"cluster.pca_dim": 16, "cluster.pca_sample": 8}))
+    line = one_line(err)
+    assert code == 2 and "cluster.pca_sample = 8 are too few rows to fit a PCA to cluster.pca_dim = 16" in line, line

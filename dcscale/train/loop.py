@@ -254,11 +254,7 @@ FAISS_MIN_POINTS_PER_CENTROID = 39  # below this faiss itself warns that k-means
 def degenerate_settings(cfg: Config, n_images: int) -> list[str]:
     """Settings that run but make the clustering meaningless: one warning line each."""
     c, warnings = cfg.cluster, []
-    sample = min(c.pca_sample or n_images, n_images)
-    if c.pca_dim is not None and sample < c.pca_dim:
-        warnings.append(f"cluster.pca_sample = {c.pca_sample} ({sample} rows) is below cluster.pca_dim = {c.pca_dim}: "
-                        f"the PCA is fitted on fewer rows than the dimensions it keeps, so at most {sample - 1} carry "
-                        f"any variance and whitening blows up noise in the others; raise pca_sample or lower pca_dim")
+    # (pca_sample below pca_dim is an error: check_clusterable)
     if c.max_points_per_centroid is not None and c.max_points_per_centroid < FAISS_MIN_POINTS_PER_CENTROID:
         warnings.append(f"cluster.max_points_per_centroid = {c.max_points_per_centroid}: k-means trains on at most "
                         f"{c.max_points_per_centroid} row(s) per centroid"
