@@ -19,6 +19,7 @@ one task inside this process.
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import math
 import re
@@ -148,12 +149,16 @@ def check_slurm_available(args) -> None:
 def load_job_config(args):
     """The validated config the job will run (resume: auto forced), and notes on what was changed."""
     from dcscale.config import load_config
-    from dcscale.launch_support import check_run_inputs, prepare_job_config
+    from dcscale.launch_support import check_run_inputs, job_resume, prepare_job_config
 
     cfg = load_config(args.config, args.overrides)
-    # A missing shard set or checkpoint fails here, not after hours in the queue. The backend is checked
-    # here only when the job runs on this machine (a SLURM login node has no GPUs).
-    check_run_inputs(cfg, args.config, on_this_machine=args.cluster != "slurm")
+    # A bad shard set, checkpoint or setting fails here, not after hours in the queue, checked as the job
+    # will start (with the checkpoint it will resume from). The platform options are checked here only
+    # when the job runs on this machine (a SLURM login node has no GPUs).
+    checked = copy.copy(cfg)
+    checked.resume = job_resume(cfg)
+    check_run_inputs(checked, args.config, on_this_machine=args.cluster != "slurm",
+                     world_size=args.nodes * args.tasks_per_node)
     return prepare_job_config(cfg)
 
 

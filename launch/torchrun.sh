@@ -12,8 +12,8 @@
 # run's newest checkpoint (set checkpoint.every_steps so that little work is lost). Python is
 # $PYTHON (default: python).
 #
-# Before torchrun starts, `dcscale train --check` checks the config and the run's inputs once (shard
-# sets, checkpoints, backend): a bad input is one line and exit 2, not an error from every rank and
+# Before torchrun starts, `dcscale train --check` checks the config and everything the run opens once
+# (shard sets, checkpoints, the network for the images, the run directory, options for N processes): a bad input is one line and exit 2, not an error from every rank and
 # --max-restarts restarts that fail the same way. Threads: OMP_NUM_THREADS if you set it, else the
 # cores this script may use divided by the processes (torchrun alone would set 1).
 #
@@ -72,7 +72,7 @@ else
     rdzv=(--standalone)
 fi
 python_bin="${PYTHON:-python}"
-"$python_bin" -m dcscale train --check "$@" resume=auto || exit $?
+"$python_bin" -m dcscale train --check --nproc "$nproc" "$@" resume=auto || exit $?
 
 if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
     cores=$(command nproc)  # (coreutils: the cores this process may run on)

@@ -49,6 +49,7 @@ class Point:
     """One grid point: its overrides, run directory and the commands that produce it."""
     values: dict[str, object]
     run_dir: Path
+    cfg: object  # the point's resolved Config
     commands: list[list[str]] = field(default_factory=list)
 
 
@@ -78,8 +79,8 @@ def make_points(args, grid: dict[str, list]) -> list[Point]:
         run_dir = (out / "runs" / run_name(values)).resolve()
         overrides = [*args.set, *(f"{k}={format_value(v)}" for k, v in values.items()), f"output.dir={run_dir}"]
         cfg = load_config(args.config, overrides)
-        check_run_inputs(cfg, args.config, on_this_machine=args.launcher == "local")
-        point = Point(values, run_dir)
+        check_run_inputs(cfg, args.config, on_this_machine=args.launcher == "local", thorough=False)
+        point = Point(values, run_dir, cfg)
         point.commands.append(train_command(args.config, overrides, args.nproc))
         layer = probe_layer(args, cfg)
         if layer is not None:
@@ -336,11 +337,20 @@ def main(argv: list[str] | None = None) -> int:
         todo = [] if args.collect_only else [p for p in points if args.rerun or not is_done(p)]
         user_resume = any(s.split("=", 1)[0].strip() == "resume" for s in args.set)
         for p in todo:
-            if args.rerun:  # start over: the point's run directory is the sweep's own
-                shutil.rmtree(p.run_dir, ignore_errors=True)
+            if args.rerun:
                 p.commands[0].append("resume=null")
+                p.cfg.resume = None
             elif not user_resume:  # an interrupted point continues where it stopped
                 p.commands[0].append("resume=auto")
+                p.cfg.resume = "auto"
+        # Everything each run opens at its start is checked before any run starts (or is removed by
+        # --rerun, whose run directories start over: their own checkpoints are not checked).
+        for p in todo:
+            check_run_inputs(p.cfg, args.config, on_this_machine=args.launcher == "local", world_size=args.nproc,
+                             run_dir_checks=not args.rerun)
+        for p in todo:
+            if args.rerun:  # start over: the point's run directory is the sweep's own
+                shutil.rmtree(p.run_dir, ignore_errors=True)
         if todo and args.launcher == "local":
             run_local(todo)
         elif todo:

@@ -62,10 +62,9 @@ def claim_run_dir(run_dir: Path) -> None:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        holder = handle.read().strip() or "a process that has not written its name yet"
+        err = in_use_error(run_dir, handle.read())
         handle.close()
-        raise DcscaleError(f"{run_dir} is in use by another run ({holder}); wait for it to end or stop it, "
-                           f"or give another output.dir") from None
+        raise err from None
     except OSError as err:  # e.g. ENOLCK: a network filesystem mounted without lock support
         handle.close()
         raise DcscaleError(f"cannot lock {run_dir / LOCK_NAME}: {err.strerror} (the filesystem does not support "
@@ -84,6 +83,33 @@ def claim_run_dir(run_dir: Path) -> None:
         handle.close()
         raise
     _HELD[key] = handle
+
+
+def in_use_error(run_dir: Path, lock_text: str) -> DcscaleError:
+    holder = lock_text.strip() or "a process that has not written its name yet"
+    return DcscaleError(f"{run_dir} is in use by another run ({holder}); wait for it to end or stop it, "
+                        f"or give another output.dir")
+
+
+def check_run_dir_free(run_dir: Path) -> None:
+    """(`dcscale train --check`) Fail with one line if a live run holds `run_dir`, as `claim_run_dir`
+    would, without creating or writing anything: a shared lock is refused while another process
+    holds the exclusive one, and is dropped at once."""
+    path = run_dir / LOCK_NAME
+    if run_dir.resolve() in _HELD or not os.path.lexists(path):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as err:
+        raise DcscaleError(f"cannot open {path}: {err.strerror} (a run directory's lock file must be a plain "
+                           f"file)") from None
+    with os.fdopen(fd, "r") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise in_use_error(run_dir, handle.read()) from None
+        except OSError:
+            return  # no flock on this filesystem: claim_run_dir says so when the run starts
 
 
 def _check_writable(folder: Path) -> None:
