@@ -104,6 +104,7 @@ class EvalConfig:
 class DistConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl when CUDA is available
     timeout_min: float = 30.0  # ordinary collectives (k-means waits use cluster.wait_timeout_min)
+    rendezvous_timeout_s: float = 60.0  # how long the ranks wait for each other at start-up
 
 
 @dataclass
@@ -172,6 +173,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "eval.probe_batch_size": _POSITIVE,
     "eval.probe_pool_dim": _POSITIVE,
     "dist.timeout_min": _MINUTES,
+    "dist.rendezvous_timeout_s": (lambda v: 0 < v <= 86_400, "a number of seconds > 0 and at most 86400 (a day)"),
     "output.images_every": (lambda v: v >= 1, "an integer >= 1 (cycles between TensorBoard images), or null for none"),
     "checkpoint.every_steps": _POSITIVE,
     "checkpoint.keep_last": _NON_NEGATIVE,

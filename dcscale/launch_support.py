@@ -21,6 +21,7 @@ expected end of their run, so they report it in one line instead of a traceback.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sys
@@ -72,6 +73,32 @@ def check_run_inputs(cfg: Config, source: str, on_this_machine: bool = True, wor
 
         check_start(cfg, world_size, on_this_machine=on_this_machine, run_dir_checks=run_dir_checks)
     return train
+
+
+def process_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from RANK, WORLD_SIZE and LOCAL_RANK (set by torchrun and the
+    submitit job; unset: a single process). Without torch, so `dcscale train` reads them first; a
+    value that is not an integer, or a rank outside the world, is one line instead of a wait."""
+    def integer(name: str, default: int) -> int:
+        text = os.environ.get(name, "").strip()
+        if not text:
+            return default
+        try:
+            return int(text)
+        except ValueError:
+            raise DcscaleError(f"{name}={text!r} in the environment: expected an integer") from None
+
+    world_size = integer("WORLD_SIZE", 1)
+    rank = integer("RANK", 0)
+    local_rank = integer("LOCAL_RANK", rank)
+    if world_size < 1:
+        raise DcscaleError(f"WORLD_SIZE={world_size} in the environment: expected an integer >= 1")
+    if not 0 <= rank < world_size:
+        raise DcscaleError(f"RANK={rank} in the environment is outside WORLD_SIZE={world_size}: expected a rank "
+                           f"from 0 to {world_size - 1}")
+    if local_rank < 0:
+        raise DcscaleError(f"LOCAL_RANK={local_rank} in the environment: expected an integer >= 0")
+    return rank, world_size, local_rank
 
 
 def _manifest(key: str, root: str) -> Manifest:

@@ -216,7 +216,8 @@ def run(args) -> int:
         _with(base, key, value, base.seed)
     if base.data.train is None:
         raise ConfigError(f"data.train is not set in {args.config}")
-    env = dist.init_distributed(base.dist.backend, base.dist.timeout_min, base.cluster.wait_timeout_min)
+    env = dist.init_distributed(base.dist.backend, base.dist.timeout_min, base.cluster.wait_timeout_min,
+                                base.dist.rendezvous_timeout_s)
     try:
         shardset = ShardSet(base.data.train)
         if not shardset.manifest.has_labels:

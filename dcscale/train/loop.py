@@ -141,7 +141,8 @@ def check_start(cfg: Config, world_size: int, on_this_machine: bool = True, run_
 
 
 def train(cfg: Config) -> dict:
-    env = dist.init_distributed(cfg.dist.backend, cfg.dist.timeout_min, cfg.cluster.wait_timeout_min)
+    env = dist.init_distributed(cfg.dist.backend, cfg.dist.timeout_min, cfg.cluster.wait_timeout_min,
+                                cfg.dist.rendezvous_timeout_s)
     inputs = open_inputs(cfg, env.device, env.distributed)
     run_dir = Path(cfg.output.dir)
     shards, channels, image_size = inputs.shards, inputs.channels, inputs.image_size

@@ -11,7 +11,7 @@ import traceback
 
 from dcscale.config import dump_config, load_config
 from dcscale.errors import DcscaleError
-from dcscale.launch_support import check_run_inputs
+from dcscale.launch_support import check_run_inputs, process_env
 
 
 def add_arguments(parser) -> None:
@@ -26,8 +26,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     exit_with_launcher()
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world_size, local_rank = process_env()
     try:  # bad config or inputs: exit 2 before any work starts
         cfg = load_config(args.config, args.overrides)
         if args.nproc is not None and args.nproc < 1:
@@ -35,7 +34,7 @@ def run(args) -> int:
         # A run checks quickly here: training itself opens and checks the rest before it writes anything.
         train_set = check_run_inputs(cfg, args.config, world_size=args.nproc or world_size, thorough=args.check)
     except DcscaleError:
-        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        if local_rank != 0 and "LOCAL_RANK" in os.environ:
             raise SystemExit(2) from None  # every rank found the same: one line per machine is enough
         raise
     if args.check:
