@@ -143,6 +143,8 @@ MAX_TIMEOUT_MIN = 525_600  # a year: far beyond any job, and well inside what ti
 _MINUTES = (lambda v: 0 < v <= MAX_TIMEOUT_MIN, f"a number of minutes > 0 and at most {MAX_TIMEOUT_MIN} (a year)")
 MIN_STD = 1e-3  # pixel values are in [0, 1]: a smaller std only blows inputs up towards inf
 _CHECKS: dict[str, tuple[Any, str]] = {
+    # torch.manual_seed takes 64-bit seeds; numpy's SeedSequence (the per-cycle seeds) no negative ones
+    "seed": (lambda v: 0 <= v < 2**64, "an integer from 0 to 2**64 - 1"),
     "data.image_size": _POSITIVE,
     "data.resize": _POSITIVE,
     "data.workers": _NON_NEGATIVE,

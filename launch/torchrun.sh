@@ -66,6 +66,9 @@ fi
 [[ "$nproc" =~ ^[1-9][0-9]*$ ]] || { echo "launch/torchrun.sh: error: --nproc-per-node $nproc: expected an integer >= 1" >&2; exit 2; }
 [[ "$max_restarts" =~ ^[0-9]+$ ]] || { echo "launch/torchrun.sh: error: --max-restarts $max_restarts: expected an integer >= 0" >&2; exit 2; }
 
+if [[ -n "$port" ]] && ! [[ "$port" =~ ^[1-9][0-9]{0,4}$ && "$port" -le 65535 ]]; then
+    echo "launch/torchrun.sh: error: --port $port: expected a port number from 1 to 65535" >&2; exit 2
+fi
 if [[ -n "$port" ]]; then
     rdzv=(--rdzv-backend c10d --rdzv-endpoint "localhost:$port" --rdzv-id "dcscale-$port")
 else

@@ -136,3 +136,90 @@ def test_torchrun_sh_checks_once_and_never_starts_workers(digits_train_shards, t
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("dcscale: error: model.init: ") and proc.stdout == ""
     assert time.monotonic() - started < 60
+
+
+# ---- 3. command-line values: one line each ---------------------------------------------------------------
+
+def _probe(train: Path, test: Path, *extra: str) -> list[str]:
+    return ["probe", "--random-init", "--config", CONFIG, "--train", str(train), "--test", str(test),
+            "--layer", "all", *extra]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lr", "nan"], "--lr nan: expected a finite number > 0"),
+    (["--lr", "inf"], "--lr inf: expected a finite number > 0"),
+    (["--momentum", "5"], "--momentum 5.0: expected a number in [0, 1)"),
+    (["--weight-decay", "nan"], "--weight-decay nan: expected a finite number >= 0"),
+    (["--extract-batch-size", "0"], "--extract-batch-size 0: expected an integer >= 1"),
+    (["--workers", "-1"], "--workers -1: expected an integer >= 0"),
+    (["--seed", "-1"], "--seed -1: expected an integer from 0 to 2**64 - 1"),
+])
+def test_probe_refuses_bad_values(extra, message, digits_train_shards, digits_test_shards, capsys):
+    assert message in one_error_line(capsys, _probe(digits_train_shards, digits_test_shards, *extra))
+
+
+def test_probe_refuses_overrides_without_config(digits_train_shards, digits_test_shards, capsys):
+    argv = ["probe", "--checkpoint", "x.pt", "--train", str(digits_train_shards), "--test", str(digits_test_shards),
+            "--layer", "all", "eval.probe_epochs=2"]
+    assert "eval.probe_epochs=2: key=value overrides need --config FILE" in one_error_line(capsys, argv)
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64), "100000000000000000000000"])
+def test_seed_outside_64_bits_is_refused(seed, capsys):
+    line = one_error_line(capsys, ["config", CONFIG, f"seed={seed}"])
+    assert f"seed = {seed}" in line and "expected an integer from 0 to 2**64 - 1" in line
+
+
+def test_workers_below_zero_is_refused(digits_train_shards, tmp_path, capsys):
+    line = one_error_line(capsys, ["shards", "digits", "--out", str(tmp_path / "s"), "--workers", "-1"])
+    assert "--workers -1: expected an integer >= 1" in line and not (tmp_path / "s").exists()
+    line = one_error_line(capsys, ["embed", "--checkpoint", "x.pt", "--shards", str(digits_train_shards),
+                                   "--out", str(tmp_path / "e"), "--workers", "-1"])
+    assert "--workers -1: expected an integer >= 0" in line
+
+
+def _script(argv: list[str], timeout: float = 120) -> tuple[int, list[str], str]:
+    proc = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, [ln for ln in proc.stderr.splitlines() if ln.strip()], proc.stdout
+
+
+SWEEP = [sys.executable, str(ROOT / "tools" / "sweep.py"), "--config", CONFIG]
+SLURM = [sys.executable, str(ROOT / "launch" / "slurm.py"), "--config", CONFIG]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nproc", "0", "--grid", "cluster.k=5,10"], "sweep: error: --nproc 0: expected an integer >= 1"),
+    (["--grid", "cluster.k=5", "--grid", "cluster.k=10"], "sweep: error: --grid cluster.k is given twice"),
+])
+def test_sweep_refuses_bad_arguments(args, message, tmp_path):
+    code, lines, _ = _script([*SWEEP, "--out", str(tmp_path / "sweep"), *args])
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("flag", ["--partition", "--comment", "--name"])
+def test_slurm_refuses_control_characters_in_sbatch_values(flag, digits_train_shards, tmp_path):
+    code, lines, out = _script([*SLURM, "--dry-run", flag, "gpu\n#SBATCH --mem=1T",
+                                f"data.train={digits_train_shards}", "data.image_size=32", f"output.dir={tmp_path / 'run'}"])
+    assert code == 2 and len(lines) == 1 and "control characters" in lines[0], lines
+    assert "#SBATCH --mem=1T" not in out
+
+
+def test_slurm_refuses_gpus_this_machine_lacks_when_running_here(digits_train_shards, tmp_path):
+    import torch
+
+    gpus = torch.cuda.device_count()
+    code, lines, _ = _script([*SLURM, "--cluster", "local", "--gpus-per-node", str(gpus + 1),
+                              f"data.train={digits_train_shards}", "data.image_size=32", f"output.dir={tmp_path / 'run'}"])
+    assert code == 2 and len(lines) == 1, lines
+    assert f"--gpus-per-node {gpus + 1} with --cluster local: this machine has {gpus} GPU(s)" in lines[0]
+    # On SLURM the job runs elsewhere: the login node's GPUs say nothing, so --dry-run goes through.
+    code, lines, _ = _script([*SLURM, "--dry-run", "--gpus-per-node", str(gpus + 1),
+                              f"data.train={digits_train_shards}", "data.image_size=32", f"output.dir={tmp_path / 'run'}"])
+    assert code == 0, lines
+
+
+@pytest.mark.parametrize("port", ["abc", "0", "70000", "-1"])
+def test_torchrun_sh_refuses_a_bad_port(port):
+    code, lines, _ = _script([str(ROOT / "launch" / "torchrun.sh"), "--port", port, "--", "--config", CONFIG])
+    assert code == 2 and lines == [f"launch/torchrun.sh: error: --port {port}: expected a port number from 1 to 65535"]

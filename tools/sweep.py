@@ -57,7 +57,12 @@ class Point:
 
 def parse_grid(specs: list[str]) -> dict[str, list]:
     """['cluster.k=10,50'] -> {'cluster.k': [10, 50]} (each value parsed as YAML, like overrides)."""
-    grid = dict(parse_value_list(spec, "--grid", "cluster.halt_after=1,10,30") for spec in specs)
+    grid = {}
+    for spec in specs:
+        key, values = parse_value_list(spec, "--grid", "cluster.halt_after=1,10,30")
+        if key in grid:  # (a dict would keep the last one silently)
+            raise ConfigError(f"--grid {key} is given twice: give all its values in one --grid {key}=v1,v2,...")
+        grid[key] = values
     if not grid:
         raise ConfigError("give at least one --grid key=v1,v2,...")
     return grid
@@ -331,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.nproc < 1:
+            raise DcscaleError(f"--nproc {args.nproc}: expected an integer >= 1 (processes per run)")
         grid = parse_grid(args.grid)
         points = make_points(args, grid)
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -479,6 +479,8 @@ def build_from_args(args) -> Manifest:
         raise DcscaleError(f"--samples-per-shard must be >= 1, got {args.samples_per_shard}")
     if not 1 <= args.quality <= 100:
         raise DcscaleError(f"--quality must be in 1..100, got {args.quality}")
+    if args.workers < 1:
+        raise DcscaleError(f"--workers {args.workers}: expected an integer >= 1 (processes that write shards)")
     if args.split is not None and source not in DATASET_SOURCES:
         raise DcscaleError(f"--split does not apply to `{source}`")
     if args.image_format == "keep" and source != "folder":

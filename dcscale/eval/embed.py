@@ -111,6 +111,8 @@ def run(args) -> int:
             value = getattr(args, name)
             if value is not None and value < 1:
                 raise DcscaleError(f"--{name.replace('_', '-')} {value}: expected an integer >= 1")
+        if args.workers is not None and args.workers < 0:
+            raise DcscaleError(f"--workers {args.workers}: expected an integer >= 0 (DataLoader workers)")
         model, cfg, shape = ft.load_checkpoint_model(args.checkpoint, env.device)
         layer = check_layer(args.layer, model)
         shardset = ShardSet(args.shards)

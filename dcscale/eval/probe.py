@@ -533,6 +533,21 @@ def _settings(args, protocol: str, cfg: Config | None, seed: int) -> tuple[Probe
 
 
 def _check_options(args) -> None:
+    """The command line alone, before anything is opened: one line for a value no probe can use."""
+    if args.overrides and not args.config:
+        raise DcscaleError(f"{args.overrides[0]}: key=value overrides need --config FILE (they change its values)")
+    for flag, value, ok, expected in (
+            ("--lr", args.lr, lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+            ("--momentum", args.momentum, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+            ("--weight-decay", args.weight_decay, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+            ("--epochs", args.epochs, lambda v: v >= 1, "an integer >= 1"),
+            ("--batch-size", args.batch_size, lambda v: v >= 1, "an integer >= 1"),
+            ("--extract-batch-size", args.extract_batch_size, lambda v: v >= 1, "an integer >= 1"),
+            ("--pool-dim", args.pool_dim, lambda v: v >= 1, "an integer >= 1"),
+            ("--workers", args.workers, lambda v: v >= 0, "an integer >= 0"),
+            ("--seed", args.seed, lambda v: 0 <= v < 2**64, "an integer from 0 to 2**64 - 1")):
+        if value is not None and not ok(value):  # (NaN fails every comparison)
+            raise DcscaleError(f"{flag} {value}: expected {expected}")
     if args.protocol not in PROTOCOLS:
         raise DcscaleError(f"--protocol {args.protocol}: expected one of {', '.join(PROTOCOLS)}")
     if args.protocol == "fast" and args.layer is None:
