@@ -223,3 +223,116 @@ def test_slurm_refuses_gpus_this_machine_lacks_when_running_here(digits_train_sh
 def test_torchrun_sh_refuses_a_bad_port(port):
     code, lines, _ = _script([str(ROOT / "launch" / "torchrun.sh"), "--port", port, "--", "--config", CONFIG])
     assert code == 2 and lines == [f"launch/torchrun.sh: error: --port {port}: expected a port number from 1 to 65535"]
+
+
+# ---- 4. output paths: a file in the way, a read-only or full file system ----------------------------------
+
+METRICS = ('{"cycle": 0, "loss": 2.0, "accuracy": 0.3, "clustered": true, "nmi_prev": null, "nmi_gt": 0.5}\n'
+           '{"cycle": 1, "loss": 1.5, "accuracy": 0.4, "clustered": true, "nmi_prev": 0.6, "nmi_gt": 0.55}\n')
+
+
+@pytest.fixture
+def run_with_metrics(tmp_path) -> Path:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(METRICS)
+    return run_dir
+
+
+def _commands(where: Path, train: Path, test: Path, run_dir: Path) -> dict[str, list[str]]:
+    """name -> `dcscale` arguments writing under `where`."""
+    probe = ["probe", "--random-init", "--config", CONFIG, "--train", str(train), "--test", str(test),
+             "--layer", "pixels", "data.image_size=32"]
+    return {
+        "probe --json": [*probe, "--json", str(where / "probe.json")],
+        "probe --cache-dir": [*probe, "--cache-dir", str(where / "cache")],
+        "report --out": ["report", str(run_dir), "--out", str(where / "report")],
+        "ia --out": ["ia", "--config", CONFIG, "--vary", "cluster.k=5,10", "--seeds", "1", "--out", str(where / "ia"),
+                     f"data.train={train}", "data.image_size=32"],
+        "shards --out": ["shards", "digits", "--out", str(where / "shards"), "--workers", "1"],
+    }
+
+
+def _sweep(where: Path, train: Path) -> list[str]:
+    return [*SWEEP, "--grid", "cluster.k=5,10", "--out", str(where / "sweep"), "--collect-only",
+            "--set", f"data.train={train}", "--set", "data.image_size=32"]
+
+
+@pytest.mark.parametrize("name", ["probe --json", "probe --cache-dir", "report --out", "ia --out", "shards --out"])
+def test_an_output_path_under_a_file_is_one_line(name, digits_train_shards, digits_test_shards, run_with_metrics,
+                                                 tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way\n")
+    line = one_error_line(capsys, _commands(blocker, digits_train_shards, digits_test_shards, run_with_metrics)[name])
+    assert str(blocker) in line, line
+    assert any(why in line for why in ("Not a directory", "it is a file, not a directory", "a file is in the way")), line
+    assert blocker.read_text() == "in the way\n"
+
+
+@pytest.mark.parametrize("name", ["report --out", "ia --out", "probe --cache-dir"])
+def test_an_output_directory_that_is_a_file_is_one_line(name, digits_train_shards, digits_test_shards,
+                                                        run_with_metrics, tmp_path, capsys):
+    argv = _commands(tmp_path, digits_train_shards, digits_test_shards, run_with_metrics)[name]
+    target = Path(argv[argv.index(name.split()[1]) + 1])
+    target.write_text("a file\n")
+    assert "it is a file, not a directory" in one_error_line(capsys, argv)
+    assert target.read_text() == "a file\n"
+
+
+def test_sweep_out_under_a_file_is_one_line(digits_train_shards, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("in the way\n")
+    code, lines, _ = _script(_sweep(blocker, digits_train_shards))
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"sweep: error: --out {blocker}/sweep: "), lines
+    assert "Not a directory" in lines[0]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A mount point and a function to mount a tmpfs there with options (umounted at the end); skipped
+    where this process may not mount (not root, or in a container without the capability)."""
+    mount_point = tmp_path / "mnt"
+    mount_point.mkdir()
+    mounted = []
+
+    def mount(options: str) -> Path:
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode}): needs root")
+        mounted.append(mount_point)
+        return mount_point
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+@pytest.mark.parametrize("name", ["probe --json", "probe --cache-dir", "report --out", "ia --out", "shards --out"])
+def test_an_output_path_on_a_read_only_file_system_is_one_line(name, digits_train_shards, digits_test_shards,
+                                                               run_with_metrics, small_tmpfs, capsys):
+    read_only = small_tmpfs("ro,size=1m")
+    line = one_error_line(capsys, _commands(read_only, digits_train_shards, digits_test_shards,
+                                            run_with_metrics)[name])
+    assert str(read_only) in line and "Read-only file system" in line, line
+
+
+def test_sweep_out_on_a_read_only_file_system_is_one_line(digits_train_shards, small_tmpfs):
+    read_only = small_tmpfs("ro,size=1m")
+    code, lines, _ = _script(_sweep(read_only, digits_train_shards))
+    assert code == 2 and len(lines) == 1 and "Read-only file system" in lines[0], lines
+
+
+@pytest.mark.parametrize("name", ["probe --json", "report --out", "shards --out"])
+def test_an_output_on_a_full_file_system_is_one_line(name, digits_train_shards, digits_test_shards,
+                                                     run_with_metrics, small_tmpfs, capsys):
+    full = small_tmpfs("size=64k")
+    if name == "probe --json":  # the results are small: fill the file system first
+        with open(full / "filler", "wb", buffering=0) as f:
+            with pytest.raises(OSError):
+                while True:
+                    f.write(b"\0" * 4096)
+    line = one_error_line(capsys, _commands(full, digits_train_shards, digits_test_shards, run_with_metrics)[name])
+    assert str(full) in line and "No space left on device (the disk or quota is full)" in line, line
+    if name == "shards --out":
+        assert os.listdir(full) == [], "a failed build leaves nothing behind"

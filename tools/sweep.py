@@ -38,6 +38,7 @@ from dcscale.config import format_value, load_config, parse_value_list
 from dcscale.errors import ConfigError, DcscaleError
 from dcscale.eval.report import read_metrics
 from dcscale.launch_support import check_run_inputs
+from dcscale.outputs import output_dir, writing
 
 FINAL_KEYS = ("loss", "accuracy", "nmi_prev", "nmi_gt", "knn_top1", "empty_clusters", "cluster_min",
               "cluster_median", "cluster_max")
@@ -340,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             raise DcscaleError(f"--nproc {args.nproc}: expected an integer >= 1 (processes per run)")
         grid = parse_grid(args.grid)
         points = make_points(args, grid)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
+        output_dir(args.out, "--out")
         todo = [] if args.collect_only else [p for p in points if args.rerun or not is_done(p)]
         user_resume = any(s.split("=", 1)[0].strip() == "resume" for s in args.set)
         for p in todo:
@@ -369,8 +370,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = [collect_point(p) for p in points]
     out = Path(args.out)
-    write_csv(rows, out / "sweep.csv")
-    write_plot(rows, grid, out / "sweep.png")
+    try:
+        with writing("--out", out):
+            write_csv(rows, out / "sweep.csv")
+            write_plot(rows, grid, out / "sweep.png")
+    except DcscaleError as err:
+        print(f"sweep: error: {err}", file=sys.stderr)
+        return 2
     ok = sum(r["status"] == "ok" for r in rows)
     print(f"sweep: {ok}/{len(rows)} runs ok ({len(todo)} run now); table {out / 'sweep.csv'}, "
           f"plot {out / 'sweep.png'}")

@@ -22,6 +22,7 @@ import numpy as np
 
 from dcscale.errors import DcscaleError
 from dcscale.eval import features as ft
+from dcscale.outputs import output_dir, output_error, writing
 from dcscale.train.checkpoint import atomic_write
 
 SUMMARY = "embed.json"
@@ -94,9 +95,14 @@ def _prepare_out(out: Path, force: bool) -> str | None:
     old = _ours(out) if out.is_dir() else []
     if old and not force:
         return f"--out {out} already holds an embedding; give --force to replace it"
-    for path in old:
-        path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        for path in old:
+            path.unlink()
+        output_dir(out, "--out")
+    except OSError as err:
+        return str(output_error("--out", out, err))
+    except DcscaleError as err:
+        return str(err)
     return None
 
 
@@ -132,7 +138,7 @@ def run(args) -> int:
         try:
             table = write_chunks(out, indices, feats, args.chunk_rows)
         except OSError as err:
-            raise DcscaleError(f"cannot write {err.filename or out}: {err.strerror or err}") from None
+            raise output_error("--out", out, err) from None
         all_chunks = dist.gather_rows_to_main(table)
         all_skipped = dist.gather_rows_to_main(np.asarray(skipped, np.int64))
         if env.is_main:
@@ -146,7 +152,8 @@ def run(args) -> int:
                 "skipped": sorted(int(i) for i in all_skipped),
             }
             text = json.dumps(summary, indent=1) + "\n"
-            atomic_write(out / SUMMARY, lambda f: f.write(text.encode()))
+            with writing("--out", out):
+                atomic_write(out / SUMMARY, lambda f: f.write(text.encode()))
             print(f"embed: {summary['count']} of {len(shardset)} images x {dim} ({layer} of {cfg.model.arch}) "
                   f"float16 in {len(all_chunks)} chunk(s) by {env.world_size} process(es)"
                   + (f", {len(all_skipped)} undecodable left out" if len(all_skipped) else "") + f"; wrote {out}")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -43,6 +44,7 @@ from torch import nn
 from dcscale.config import Config, EvalConfig, load_config
 from dcscale.errors import DcscaleError
 from dcscale.eval import features as ft
+from dcscale.outputs import output_dir, output_error, output_file, writing
 
 PROTOCOLS = ("fast", "deepdive", "deepcluster")
 SCHEDULES = ("cosine", "step", "constant", "inv_sqrt")
@@ -462,11 +464,18 @@ def layer_features(fn, shardset, transform, env, batch_size: int, workers: int,
         return np.load(cache[0]), np.load(cache[1])
     feats, labels = ft.extract_labelled(fn, shardset, transform, env, batch_size, workers)
     if cache is not None and env.is_main:
-        cache[0].parent.mkdir(parents=True, exist_ok=True)
-        for path, array in zip(cache, (feats, labels)):
-            tmp = path.with_name(path.name + ".tmp.npy")
-            np.save(tmp, array)
-            tmp.replace(path)
+        try:
+            cache[0].parent.mkdir(parents=True, exist_ok=True)
+            for path, array in zip(cache, (feats, labels)):
+                tmp = path.with_name(path.name + ".tmp.npy")
+                try:
+                    np.save(tmp, array)
+                    tmp.replace(path)
+                finally:
+                    tmp.unlink(missing_ok=True)
+        except OSError as err:  # the cache only saves time: the probe goes on with the features in hand
+            logging.getLogger("dcscale").warning("%s; these features are not cached", output_error(
+                "--cache-dir", cache[0].parent, err))
     return feats, labels
 
 
@@ -647,6 +656,10 @@ def run(args) -> int:
     from dcscale.data.shardset import ShardSet
 
     _check_options(args)
+    if args.json:
+        output_file(args.json, "--json")
+    if args.cache_dir:
+        output_dir(args.cache_dir, "--cache-dir")
     env = dist.init_distributed()
     try:
         train_ss, test_ss = ShardSet(args.train), ShardSet(args.test)
@@ -715,8 +728,9 @@ def run(args) -> int:
             }
             if args.json:
                 path = Path(args.json)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(report, indent=1) + "\n")
+                with writing("--json", path):
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(report, indent=1) + "\n")
             best = max(results, key=lambda n: results[n]["top1"])
             print(f"probe: {len(results)} layer(s) of {kind}, protocol {args.protocol}; best {best} top1 "
                   f"{100 * results[best]['top1']:.2f}" + (f"; wrote {args.json}" if args.json else ""))
