@@ -336,3 +336,52 @@ def test_an_output_on_a_full_file_system_is_one_line(name, digits_train_shards, 
     assert str(full) in line and "No space left on device (the disk or quota is full)" in line, line
     if name == "shards --out":
         assert os.listdir(full) == [], "a failed build leaves nothing behind"
+
+
+# ---- 5. a failed start leaves the run directory as it found it --------------------------------------------
+
+def _train(shards: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dcscale", "train", "--config", CONFIG,
+                           *tiny_run_overrides(shards, run_dir, **{"train.cycles": 1}), *extra],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def _undecodable(shards: Path, dst: Path) -> Path:
+    """A copy of the shard set whose image bytes are zeros (same sizes: the manifest and index still agree)."""
+    import tarfile
+
+    root = copy_shards(shards, dst)
+    for tar_path in sorted(root.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            spans = [(m.offset_data, m.size) for m in tar.getmembers() if m.name.endswith(".png")]
+        with open(tar_path, "r+b") as f:
+            for offset, size in spans:
+                f.seek(offset)
+                f.write(b"\0" * size)
+    return root
+
+
+def test_a_start_that_fails_after_claiming_leaves_no_trace(digits_train_shards, tmp_path):
+    """A damaged resume checkpoint is found once the run directory is locked: the directories this run
+    created go again; a directory the user made keeps exactly what it held."""
+    new = tmp_path / "new" / "run"
+    proc = _train(digits_train_shards, new, f"resume={_garbage(tmp_path)}")
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "damaged or not a checkpoint" in lines[0], proc.stderr
+    assert not (tmp_path / "new").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine\n")
+    proc = _train(digits_train_shards, existing, f"resume={_garbage(tmp_path)}")
+    assert proc.returncode == 2, proc.stderr
+    assert sorted(os.listdir(existing)) == ["notes.txt"]
+
+
+def test_a_run_that_fails_at_its_first_cycle_removes_config_and_tensorboard(digits_train_shards, tmp_path):
+    """No image decodes: the run stops at cycle 0, after it wrote config.yaml and tb/; both go again."""
+    run_dir = tmp_path / "run"
+    proc = _train(_undecodable(digits_train_shards, tmp_path / "zeros"), run_dir)
+    lines = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+    assert proc.returncode == 2 and len(lines) == 1 and "could be decoded" in lines[0], proc.stderr[-3000:]
+    assert f"fresh run; run dir {run_dir}" in proc.stdout  # (printed once config.yaml and tb/ are written)
+    assert not run_dir.exists(), sorted(os.listdir(run_dir))

@@ -42,8 +42,8 @@ from dcscale.train.compute import Compute, check_platform, grad_scaler, prepare_
 from dcscale.train.images import (MONTAGE_PER_ROW, cluster_record, cycle_images, montage_clusters, montage_due,
                                   write_record)
 from dcscale.train.logging import MetricsLogger, console_line
-from dcscale.train.rundir import (check_run_dir_free, check_same_run, claim_run_dir, decided_by_main, release_run_dir,
-                                  write_run_config)
+from dcscale.train.rundir import (check_run_dir_free, check_same_run, claim_run_dir, decided_by_main, note_start,
+                                  release_run_dir, undo_failed_start, write_run_config)
 
 log = logging.getLogger("dcscale")
 
@@ -141,6 +141,17 @@ def check_start(cfg: Config, world_size: int, on_this_machine: bool = True, run_
 
 
 def train(cfg: Config) -> dict:
+    """Run DeepCluster as `cfg` says; a start that fails (before the first checkpoint) leaves the run
+    directory as it found it."""
+    try:
+        return run_training(cfg)
+    except DcscaleError:
+        if dist.is_main():
+            undo_failed_start(Path(cfg.output.dir))
+        raise
+
+
+def run_training(cfg: Config) -> dict:
     env = dist.init_distributed(cfg.dist.backend, cfg.dist.timeout_min, cfg.cluster.wait_timeout_min,
                                 cfg.dist.rendezvous_timeout_s)
     inputs = open_inputs(cfg, env.device, env.distributed)
@@ -240,6 +251,7 @@ def train(cfg: Config) -> dict:
 def claim_and_find(resume: str | None, run_dir: Path) -> tuple[str | None, dict | None]:
     """(rank 0) Lock the run directory, then find the checkpoint to resume from, verified:
     (its path for every rank, its content for rank 0)."""
+    note_start(run_dir)
     claim_run_dir(run_dir)
     return find_start(resume, run_dir)
 

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from dcscale import dist
 from dcscale.config import RESUME_MAY_CHANGE, Config, format_value, resume_differences, save_config
 from dcscale.errors import DcscaleError
-from dcscale.train.checkpoint import checkpoint_dir
+from dcscale.train.checkpoint import checkpoint_dir, newest_checkpoint
 
 LOCK_NAME = ".lock"
 _HISTORY_HEADER = "# Changed when the run was resumed (key: old -> new, from that cycle on):"
@@ -69,6 +71,9 @@ def claim_run_dir(run_dir: Path) -> None:
         handle.close()
         raise DcscaleError(f"cannot lock {run_dir / LOCK_NAME}: {err.strerror} (the filesystem does not support "
                            f"flock; put output.dir on one that does)") from None
+    if not _still_in_place(handle, run_dir / LOCK_NAME):  # a failed start removed it while this one waited
+        handle.close()
+        return claim_run_dir(run_dir)
     try:
         handle.seek(0)
         handle.truncate()
@@ -83,6 +88,14 @@ def claim_run_dir(run_dir: Path) -> None:
         handle.close()
         raise
     _HELD[key] = handle
+
+
+def _still_in_place(handle, path: Path) -> bool:
+    """Whether the open lock file is still the one at `path` (not removed or replaced since it was opened)."""
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except OSError:
+        return False
 
 
 def in_use_error(run_dir: Path, lock_text: str) -> DcscaleError:
@@ -121,6 +134,49 @@ def _check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise DcscaleError(f"{folder} is not writable: {err.strerror}") from None
+
+
+@dataclass
+class _Start:
+    created: list[Path]  # run_dir and the parents this start creates, deepest first
+    entries_before: set[str]  # what run_dir held before
+
+
+_STARTS: dict[Path, _Start] = {}
+
+
+def note_start(run_dir: Path) -> None:
+    """(rank 0, before `claim_run_dir`) Remember what exists, so that `undo_failed_start` removes only
+    what this run added."""
+    run_dir = run_dir.absolute()
+    _STARTS[run_dir] = _Start([p for p in (run_dir, *run_dir.parents) if not p.exists()],
+                              set(os.listdir(run_dir)) if run_dir.is_dir() else set())
+
+
+def undo_failed_start(run_dir: Path) -> None:
+    """(rank 0) A run that stopped on an error before its first checkpoint leaves its directory as it found
+    it: what it added (.lock, config.yaml, tb/, metrics.jsonl, labels.npy, an empty checkpoints/) is removed,
+    and the directory itself (and parents) if this run created them. With a checkpoint there is work to
+    keep: nothing is removed. The lock file goes last, while still held (a run that opened it meanwhile
+    sees that it was replaced: `claim_run_dir`)."""
+    start = _STARTS.pop(run_dir.absolute(), None)
+    if start is None or not run_dir.is_dir() or newest_checkpoint(run_dir) is not None:
+        return
+    added = sorted(set(os.listdir(run_dir)) - start.entries_before - {LOCK_NAME})
+    for name in added:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if LOCK_NAME not in start.entries_before and run_dir.resolve() in _HELD:
+        (run_dir / LOCK_NAME).unlink(missing_ok=True)
+    release_run_dir(run_dir)
+    for path in start.created:
+        try:
+            path.rmdir()
+        except OSError:  # not empty: something else wrote there meanwhile
+            break
 
 
 def release_run_dir(run_dir: Path) -> None:
