@@ -29,6 +29,8 @@ def run(args) -> int:
     rank, world_size, local_rank = process_env()
     try:  # bad config or inputs: exit 2 before any work starts
         cfg = load_config(args.config, args.overrides)
+        if args.nproc is not None and not args.check:
+            raise DcscaleError("--nproc applies to --check only (a run's processes come from torchrun or submitit)")
         if args.nproc is not None and args.nproc < 1:
             raise DcscaleError(f"--nproc {args.nproc}: expected an integer >= 1")
         # A run checks quickly here: training itself opens and checks the rest before it writes anything.
