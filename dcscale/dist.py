@@ -13,6 +13,7 @@ not once more for the padded parts and again for a concatenated copy.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import logging
@@ -226,18 +227,27 @@ def start_wait_watch(rank: int) -> None:
     threading.Thread(target=watch, name="dcscale-wait-watch", daemon=True).start()
 
 
+@contextlib.contextmanager
+def waiting(what: str):
+    """Around code that may block on other ranks (a collective, DDP's gradient all-reduce): a wait there
+    is reported by the watch thread. Nested: the outermost names the wait."""
+    if not _ENV.distributed or _WAITING[0] is not None:
+        yield
+        return
+    _WAITING[0] = (what, time.monotonic())
+    try:
+        yield
+    finally:
+        _WAITING[0] = None
+
+
 def watched(what: str):
-    """Decorator: the collective's waits are seen by the watch thread."""
+    """Decorator: the collective's waits are seen by the watch thread (`waiting`)."""
     def wrap(fn):
         @functools.wraps(fn)
         def call(*args, **kwargs):
-            if not _ENV.distributed or _WAITING[0] is not None:  # (nested: the outer call is watched)
+            with waiting(what):
                 return fn(*args, **kwargs)
-            _WAITING[0] = (what, time.monotonic())
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                _WAITING[0] = None
         return call
     return wrap
 
