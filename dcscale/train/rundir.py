@@ -160,8 +160,8 @@ def undo_failed_start(run_dir: Path) -> None:
     keep: nothing is removed. The lock file goes last, while still held (a run that opened it meanwhile
     sees that it was replaced: `claim_run_dir`)."""
     start = _STARTS.pop(run_dir.absolute(), None)
-    if start is None or not run_dir.is_dir() or newest_checkpoint(run_dir) is not None:
-        return
+    if start is None or run_dir.resolve() not in _HELD or newest_checkpoint(run_dir) is not None:
+        return  # (not held: another run's directory, or this one never got it; leave it alone)
     added = sorted(set(os.listdir(run_dir)) - start.entries_before - {LOCK_NAME})
     for name in added:
         path = run_dir / name
@@ -169,7 +169,7 @@ def undo_failed_start(run_dir: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
-    if LOCK_NAME not in start.entries_before and run_dir.resolve() in _HELD:
+    if LOCK_NAME not in start.entries_before:
         (run_dir / LOCK_NAME).unlink(missing_ok=True)
     release_run_dir(run_dir)
     for path in start.created:
