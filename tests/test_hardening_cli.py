@@ -385,3 +385,16 @@ def test_a_run_that_fails_at_its_first_cycle_removes_config_and_tensorboard(digi
     assert proc.returncode == 2 and len(lines) == 1 and "could be decoded" in lines[0], proc.stderr[-3000:]
     assert f"fresh run; run dir {run_dir}" in proc.stdout  # (printed once config.yaml and tb/ are written)
     assert not run_dir.exists(), sorted(os.listdir(run_dir))
+
+
+def test_a_start_refused_by_a_live_run_leaves_that_runs_files(digits_train_shards, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "tb").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("seed: 0\n")
+    with open(run_dir / ".lock", "w") as held:
+        held.write("host elsewhere, pid 4242\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = _train(digits_train_shards, run_dir)
+    assert proc.returncode == 2 and "is in use by another run (host elsewhere, pid 4242)" in proc.stderr
+    assert sorted(os.listdir(run_dir)) == [".lock", "config.yaml", "tb"]
