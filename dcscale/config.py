@@ -110,6 +110,7 @@ class EvalConfig:
 class DistConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl when CUDA is available
     timeout_min: float = 30.0  # ordinary collectives (k-means waits use cluster.wait_timeout_min)
+    rendezvous_timeout_s: float = 60.0  # how long the ranks wait for each other at start-up
 
 
 @dataclass
@@ -148,6 +149,8 @@ MAX_TIMEOUT_MIN = 525_600  # a year: far beyond any job, and well inside what ti
 _MINUTES = (lambda v: 0 < v <= MAX_TIMEOUT_MIN, f"a number of minutes > 0 and at most {MAX_TIMEOUT_MIN} (a year)")
 MIN_STD = 1e-3  # pixel values are in [0, 1]: a smaller std only blows inputs up towards inf
 _CHECKS: dict[str, tuple[Any, str]] = {
+    # torch.manual_seed takes 64-bit seeds; numpy's SeedSequence (the per-cycle seeds) no negative ones
+    "seed": (lambda v: 0 <= v < 2**64, "an integer from 0 to 2**64 - 1"),
     "data.image_size": _POSITIVE,
     "data.resize": _POSITIVE,
     "data.workers": _NON_NEGATIVE,
@@ -180,6 +183,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "dist.timeout_min": _MINUTES,
     "output.dir": (lambda v: bool(v.strip()), "a directory for the run (not empty: the run would land in the "
                    "current directory)"),
+    "dist.rendezvous_timeout_s": (lambda v: 0 < v <= 86_400, "a number of seconds > 0 and at most 86400 (a day)"),
     "output.images_every": (lambda v: v >= 1, "an integer >= 1 (cycles between TensorBoard images), or null for none"),
     "checkpoint.every_steps": _POSITIVE,
     "checkpoint.keep_last": _NON_NEGATIVE,

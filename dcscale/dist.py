@@ -13,8 +13,14 @@ not once more for the padded parts and again for a concatenated copy.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import functools
+import logging
 import os
+import re
+import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -128,14 +134,42 @@ def free_core_share(local_processes: int) -> int:
     return min(core_share(local_processes)[0], max(1, free_cores() // max(local_processes, 1)))
 
 
+def process_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from RANK, WORLD_SIZE and LOCAL_RANK (set by torchrun and the
+    submitit job; unset: a single process). Without torch, so `dcscale train` reads them first; a
+    value that is not an integer, or a rank outside the world, is one line instead of a wait."""
+    def integer(name: str, default: int) -> int:
+        text = os.environ.get(name, "").strip()
+        if not text:
+            return default
+        try:
+            return int(text)
+        except ValueError:
+            raise DcscaleError(f"{name}={text!r} in the environment: expected an integer") from None
+
+    world_size = integer("WORLD_SIZE", 1)
+    rank = integer("RANK", 0)
+    local_rank = integer("LOCAL_RANK", rank)
+    if world_size < 1:
+        raise DcscaleError(f"WORLD_SIZE={world_size} in the environment: expected an integer >= 1")
+    if not 0 <= rank < world_size:
+        raise DcscaleError(f"RANK={rank} in the environment is outside WORLD_SIZE={world_size}: expected a rank "
+                           f"from 0 to {world_size - 1}")
+    if local_rank < 0:
+        raise DcscaleError(f"LOCAL_RANK={local_rank} in the environment: expected an integer >= 0")
+    return rank, world_size, local_rank
+
+
 def init_distributed(backend: str = "auto", timeout_min: float = 30.0,
-                     wait_timeout_min: float = 180.0) -> DistEnv:
+                     wait_timeout_min: float = 180.0, rendezvous_timeout_s: float = 60.0) -> DistEnv:
     """Join the process group described by the environment (or none, for a plain single process), and
-    set this process's thread count (`choose_threads`)."""
+    set this process's thread count (`choose_threads`).
+
+    The rendezvous (every rank reaching MASTER_ADDR:MASTER_PORT) has a timeout of its own,
+    `rendezvous_timeout_s`: a world that cannot form (a rank that never starts, a wrong address) is
+    one line within a minute, not a silent wait of `timeout_min`, which bounds the collectives."""
     global _ENV, _WAIT_GROUP
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    rank, world_size, local_rank = process_env()
     threads, threads_from = choose_threads(local_processes())
     check_backend(backend)
     use_cuda = torch.cuda.is_available()
@@ -146,14 +180,142 @@ def init_distributed(backend: str = "auto", timeout_min: float = 30.0,
         torch.cuda.set_device(device)
     if world_size > 1:
         if not dist.is_initialized():  # (tests may have joined a FileStore group already)
-            dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_min),
-                                    rank=rank, world_size=world_size,
-                                    device_id=device if backend == "nccl" else None)
+            store = rendezvous(rank, world_size, rendezvous_timeout_s)
+            try:
+                dist.init_process_group(backend=backend, store=store, timeout=datetime.timedelta(minutes=timeout_min),
+                                        rank=rank, world_size=world_size,
+                                        device_id=device if backend == "nccl" else None)
+            except (RuntimeError, dist.DistError) as err:  # e.g. gloo's full mesh: a peer left meanwhile
+                raise DcscaleError(f"rank {rank} of {world_size}: the process group did not form "
+                                   f"({_first_line(err)})") from None
+            store.set_timeout(datetime.timedelta(minutes=timeout_min))  # later store waits: as collectives
         backend = dist.get_backend()
         _WAIT_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=wait_timeout_min))
+        start_wait_watch(rank)
     _ENV = DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
                    backend=backend if world_size > 1 else None, threads=threads, threads_from=threads_from)
     return _ENV
+
+
+def rendezvous(rank: int, world_size: int, timeout_s: float) -> dist.Store:
+    """The TCP store every rank meets at (MASTER_ADDR:MASTER_PORT; rank 0, or torchrun's agent, serves
+    it), joined within `timeout_s` by all `world_size` ranks, else one line saying who is missing."""
+    addr = os.environ.get("MASTER_ADDR", "").strip()
+    port_text = os.environ.get("MASTER_PORT", "").strip()
+    if not addr or not port_text:
+        missing = " and ".join(v for v, t in (("MASTER_ADDR", addr), ("MASTER_PORT", port_text)) if not t)
+        raise DcscaleError(f"WORLD_SIZE={world_size} but {missing} not set: the ranks cannot meet (set both, or run "
+                           f"through launch/torchrun.sh or launch/slurm.py, which set them)")
+    if not port_text.isdigit() or not 0 < int(port_text) < 2**16:
+        raise DcscaleError(f"MASTER_PORT={port_text!r} in the environment: expected a port number from 1 to 65535")
+    from torch.distributed.rendezvous import _create_c10d_store  # (what env:// uses; it knows torchrun's store)
+
+    who = "every other rank to join" if rank == 0 else f"rank 0 at {addr}:{port_text}"
+    deadline = time.monotonic() + timeout_s
+    if rank != 0 and not _port_answers(addr, int(port_text), deadline):
+        # (checked here: torch's client logs a C++ stack trace for a server that never comes)
+        raise DcscaleError(f"rank {rank} of {world_size}: rendezvous failed after waiting up to {timeout_s:g} s for "
+                           f"{who} (nothing answers there); check that all {world_size} ranks started, with the "
+                           f"same MASTER_ADDR, MASTER_PORT and WORLD_SIZE (dist.rendezvous_timeout_s sets the wait)")
+    left = max(deadline - time.monotonic(), 1.0)
+    try:
+        return _create_c10d_store(addr, int(port_text), rank, world_size, datetime.timedelta(seconds=left))
+    except (RuntimeError, OSError, dist.DistError) as err:
+        raise DcscaleError(f"rank {rank} of {world_size}: rendezvous failed after waiting up to {timeout_s:g} s for "
+                           f"{who} ({_first_line(err)}); check that all {world_size} ranks started, with the same "
+                           f"MASTER_ADDR, MASTER_PORT and WORLD_SIZE (dist.rendezvous_timeout_s sets the wait)") from None
+
+
+def _port_answers(addr: str, port: int, deadline: float) -> bool:
+    """Whether something accepts TCP connections at addr:port before `deadline` (time.monotonic())."""
+    while True:
+        try:
+            with socket.create_connection((addr, port), timeout=max(min(deadline - time.monotonic(), 2.0), 0.1)):
+                return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
+
+def _first_line(err: Exception) -> str:
+    """An error's telling line, without torch's '[file.cpp:123]' prefixes."""
+    lines = [re.sub(r"^(\[[^\]]*\]\s*)+", "", ln).strip() for ln in str(err).splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(("Exception raised from", "frame #"))]
+    return lines[0] if lines else type(err).__name__
+
+
+# ---- a line while a collective waits ----------------------------------------------------------------------
+
+WAIT_WARN_ENV = "DCSCALE_WAIT_WARN_S"  # seconds between "still waiting" lines (default 300)
+_WAITING: list = [None]  # (what, since) of the collective this process is blocked in, or None
+_WATCH_STARTED = False
+
+
+def wait_warning_interval() -> float:
+    text = os.environ.get(WAIT_WARN_ENV, "")
+    try:
+        value = float(text) if text else 300.0
+    except ValueError:
+        raise DcscaleError(f"{WAIT_WARN_ENV}={text!r} in the environment: expected a number of seconds > 0") from None
+    if not (value > 0 and value == value and value != float("inf")):
+        raise DcscaleError(f"{WAIT_WARN_ENV}={text!r} in the environment: expected a number of seconds > 0")
+    return value
+
+
+def start_wait_watch(rank: int) -> None:
+    """A daemon thread that logs one line every `wait_warning_interval()` seconds while this rank is
+    blocked in a collective (`watched`): a slow, stopped or dead peer is visible long before the
+    collective times out. It costs one clock read per collective and a wake-up a second."""
+    global _WATCH_STARTED
+    if _WATCH_STARTED:
+        return
+    _WATCH_STARTED = True
+    interval = wait_warning_interval()
+
+    def watch() -> None:
+        log = logging.getLogger("dcscale")  # (the CLI's handler: one "dcscale: WARNING: ..." line)
+        warned_for, next_at = None, 0.0
+        while True:
+            time.sleep(min(1.0, interval / 4))
+            waiting = _WAITING[0]
+            if waiting is None:
+                continue
+            what, since = waiting
+            if waiting is not warned_for:
+                warned_for, next_at = waiting, since + interval
+            now = time.monotonic()
+            if now >= next_at:
+                log.warning("rank %d waiting for %s since %.0f s (another rank has not reached it yet: slow, "
+                            "stopped or gone)", rank, what, now - since)
+                next_at += interval
+
+    threading.Thread(target=watch, name="dcscale-wait-watch", daemon=True).start()
+
+
+@contextlib.contextmanager
+def waiting(what: str):
+    """Around code that may block on other ranks (a collective, DDP's gradient all-reduce): a wait there
+    is reported by the watch thread. Nested: the outermost names the wait."""
+    if not _ENV.distributed or _WAITING[0] is not None:
+        yield
+        return
+    _WAITING[0] = (what, time.monotonic())
+    try:
+        yield
+    finally:
+        _WAITING[0] = None
+
+
+def watched(what: str):
+    """Decorator: the collective's waits are seen by the watch thread (`waiting`)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            with waiting(what):
+                return fn(*args, **kwargs)
+        return call
+    return wrap
 
 
 def get_env() -> DistEnv:
@@ -164,11 +326,13 @@ def is_main() -> bool:
     return _ENV.rank == 0
 
 
+@watched("a barrier")
 def barrier() -> None:
     if _ENV.distributed:
         dist.barrier()
 
 
+@watched("rank 0 (k-means wait)")
 def wait_for_main() -> None:
     """Block until every rank arrives, with the long k-means timeout (a CPU-side gloo barrier, so
     NCCL's watchdog never sees the wait)."""
@@ -187,6 +351,7 @@ def _comm_device() -> torch.device:
     return _ENV.device if _ENV.backend == "nccl" else torch.device("cpu")
 
 
+@watched("a row-count all-gather")
 def row_counts(n_rows: int) -> list[int]:
     """Every rank's `n_rows`, in rank order (one small all-gather)."""
     if not _ENV.distributed:
@@ -200,6 +365,7 @@ def row_counts(n_rows: int) -> list[int]:
 _PIECE_BYTES = 64 * 2**20  # all-gather output per collective call: bounds gloo's staging copy
 
 
+@watched("rows gathered to rank 0")
 def gather_rows_to_main(x: np.ndarray) -> np.ndarray | None:
     """Every rank's rows (in rank order) in one array on rank 0; other ranks get None.
 
@@ -223,6 +389,7 @@ def gather_rows_to_main(x: np.ndarray) -> np.ndarray | None:
     return out
 
 
+@watched("an all-gather of rows")
 def all_gather_rows(x: np.ndarray) -> np.ndarray:
     """Every rank's rows (in rank order) in one array on every rank."""
     if not _ENV.distributed:
@@ -262,6 +429,7 @@ def _rows_padded(x: np.ndarray, lo: int, hi: int) -> torch.Tensor:
     return t
 
 
+@watched("a broadcast")
 def broadcast_array(x: np.ndarray | None, src: int = 0) -> np.ndarray:
     """Send rank `src`'s array (any shape and dtype) to every rank."""
     if not _ENV.distributed:
@@ -276,6 +444,7 @@ def broadcast_array(x: np.ndarray | None, src: int = 0) -> np.ndarray:
     return t.cpu().numpy()
 
 
+@watched("a broadcast")
 def broadcast_object(obj, src: int = 0):
     if not _ENV.distributed:
         return obj
@@ -289,6 +458,7 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return all_reduce_array_(np.array(values, dtype=np.float64)).tolist()
 
 
+@watched("an all-reduce")
 def all_reduce_array_(x: np.ndarray) -> np.ndarray:
     """Sum every rank's `x` (C-contiguous; same shape and dtype on every rank) into `x` itself, on every
     rank, and return it: no copy of the array on CPU."""
@@ -317,6 +487,7 @@ def all_reduce_tensor_(t: torch.Tensor) -> torch.Tensor:
     return t.copy_(staged)
 
 
+@watched("an all-reduce")
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on at least one (e.g. a NaN loss somewhere)."""
     if not _ENV.distributed:

@@ -40,10 +40,16 @@ DEFAULT_CHECKPOINT_EVERY_STEPS = 500
 _PORT_RANGE = (20000, 60000)
 
 
-def check_run_inputs(cfg: Config, source: str, on_this_machine: bool = True) -> Manifest:
-    """Fail with one line on inputs a run would only trip over after start-up: the shard sets (their
-    manifests), the resume and init checkpoints, k-NN settings the memory bank cannot hold, and, when
-    the run starts on this machine (not a SLURM login node), the process-group backend.
+def check_run_inputs(cfg: Config, source: str, on_this_machine: bool = True, world_size: int = 1,
+                     thorough: bool = True, run_dir_checks: bool = True) -> Manifest:
+    """Fail with one line on inputs a run would only trip over after start-up. Quick checks first: the
+    shard sets (their manifests), the resume and init checkpoints present, k-NN settings the memory
+    bank cannot hold, and, when the run starts on this machine (not a SLURM login node), the
+    process-group backend. `thorough` (what `dcscale train --check` and the launchers run): then
+    everything the start of training opens, by the same code (`dcscale.train.loop.check_start`): the
+    tars against the manifest, the network built for the images (image size, mean/std, K, pca_dim
+    against its feature width), the checkpoints loaded and verified, platform options for `world_size`
+    processes, and the run directory not held by a live run (`run_dir_checks`).
     Returns the training set's manifest."""
     if not cfg.data.train:
         raise DcscaleError(f"data.train is not set in {source} or on the command line: give the training shard "
@@ -61,6 +67,10 @@ def check_run_inputs(cfg: Config, source: str, on_this_machine: bool = True) -> 
         from dcscale.dist import check_backend  # (imports torch)
 
         check_backend(cfg.dist.backend)
+    if thorough:
+        from dcscale.train.loop import check_start  # (imports torch)
+
+        check_start(cfg, world_size, on_this_machine=on_this_machine, run_dir_checks=run_dir_checks)
     return train
 
 

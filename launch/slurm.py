@@ -19,6 +19,7 @@ one task inside this process.
 from __future__ import annotations
 
 import argparse
+import copy
 import difflib
 import math
 import re
@@ -90,7 +91,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 # ---- validation: everything is checked before anything is submitted -------------------------------------
 
+_SBATCH_TEXT = ("partition", "account", "constraint", "qos", "comment", "name", "job_dir")
+
+
 def check_resources(args) -> None:
+    for key in _SBATCH_TEXT:  # written into #SBATCH lines: a newline there would add a line of its own
+        value = getattr(args, key)
+        if value is not None and re.search(r"[\x00-\x1f\x7f]", value):
+            raise LaunchError(f"--{key.replace('_', '-')} {value!r}: control characters (newline, tab, ...) are not "
+                              f"allowed (the value goes into the job script's #SBATCH lines)")
     if args.nodes < 1:
         raise LaunchError(f"--nodes {args.nodes}: expected an integer >= 1")
     if args.gpus_per_node < 0:
@@ -119,6 +128,12 @@ def check_resources(args) -> None:
     else:
         if args.nodes != 1:
             raise LaunchError(f"--nodes {args.nodes}: --cluster {args.cluster} runs on this machine, use --nodes 1")
+        if args.gpus_per_node:
+            gpus = _visible_gpus()
+            if gpus < args.gpus_per_node:
+                raise LaunchError(f"--gpus-per-node {args.gpus_per_node} with --cluster {args.cluster}: this machine "
+                                  f"has {gpus} GPU(s) that torch can use (for CPU processes: --gpus-per-node 0 "
+                                  f"--tasks-per-node N)")
         if args.cluster == "debug" and args.tasks_per_node != 1:
             raise LaunchError("--cluster debug runs one task in this process: use --gpus-per-node 1 or "
                               "--gpus-per-node 0 --tasks-per-node 1 (or --cluster local for several)")
@@ -126,6 +141,14 @@ def check_resources(args) -> None:
                       if getattr(args, k)]
         if slurm_only:
             print(f"{PROG}: note: {', '.join(slurm_only)} ignored by --cluster {args.cluster}", file=sys.stderr)
+
+
+def _visible_gpus() -> int:
+    """CUDA GPUs torch sees on this machine (the job runs here with --cluster local/debug). On SLURM the
+    login node's count says nothing about the compute nodes, so it is not checked there."""
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def check_slurm_available(args) -> None:
@@ -148,12 +171,16 @@ def check_slurm_available(args) -> None:
 def load_job_config(args):
     """The validated config the job will run (resume: auto forced), and notes on what was changed."""
     from dcscale.config import load_config
-    from dcscale.launch_support import check_run_inputs, prepare_job_config
+    from dcscale.launch_support import check_run_inputs, job_resume, prepare_job_config
 
     cfg = load_config(args.config, args.overrides)
-    # A missing shard set or checkpoint fails here, not after hours in the queue. The backend is checked
-    # here only when the job runs on this machine (a SLURM login node has no GPUs).
-    check_run_inputs(cfg, args.config, on_this_machine=args.cluster != "slurm")
+    # A bad shard set, checkpoint or setting fails here, not after hours in the queue, checked as the job
+    # will start (with the checkpoint it will resume from). The platform options are checked here only
+    # when the job runs on this machine (a SLURM login node has no GPUs).
+    checked = copy.copy(cfg)
+    checked.resume = job_resume(cfg)
+    check_run_inputs(checked, args.config, on_this_machine=args.cluster != "slurm",
+                     world_size=args.nodes * args.tasks_per_node)
     return prepare_job_config(cfg)
 
 

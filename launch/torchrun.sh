@@ -12,8 +12,8 @@
 # run's newest checkpoint (set checkpoint.every_steps so that little work is lost). Python is
 # $PYTHON (default: python).
 #
-# Before torchrun starts, `dcscale train --check` checks the config and the run's inputs once (shard
-# sets, checkpoints, backend): a bad input is one line and exit 2, not an error from every rank and
+# Before torchrun starts, `dcscale train --check` checks the config and everything the run opens once
+# (shard sets, checkpoints, the network for the images, the run directory, options for N processes): a bad input is one line and exit 2, not an error from every rank and
 # --max-restarts restarts that fail the same way. Threads: OMP_NUM_THREADS if you set it, else the
 # cores this script may use divided by the processes (torchrun alone would set 1).
 #
@@ -66,13 +66,16 @@ fi
 [[ "$nproc" =~ ^[1-9][0-9]*$ ]] || { echo "launch/torchrun.sh: error: --nproc-per-node $nproc: expected an integer >= 1" >&2; exit 2; }
 [[ "$max_restarts" =~ ^[0-9]+$ ]] || { echo "launch/torchrun.sh: error: --max-restarts $max_restarts: expected an integer >= 0" >&2; exit 2; }
 
+if [[ -n "$port" ]] && ! [[ "$port" =~ ^[1-9][0-9]{0,4}$ && "$port" -le 65535 ]]; then
+    echo "launch/torchrun.sh: error: --port $port: expected a port number from 1 to 65535" >&2; exit 2
+fi
 if [[ -n "$port" ]]; then
     rdzv=(--rdzv-backend c10d --rdzv-endpoint "localhost:$port" --rdzv-id "dcscale-$port")
 else
     rdzv=(--standalone)
 fi
 python_bin="${PYTHON:-python}"
-"$python_bin" -m dcscale train --check "$@" resume=auto || exit $?
+"$python_bin" -m dcscale train --check --nproc "$nproc" "$@" resume=auto || exit $?
 
 if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
     cores=$(command nproc)  # (coreutils: the cores this process may run on)

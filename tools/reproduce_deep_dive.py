@@ -521,7 +521,7 @@ FMNIST_IDX = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mni
 PAPER_CONFIGS = {"fmnist": ROOT / "configs" / "paper" / "fmnist_lenet5.yaml"}
 
 
-def points_plan(mode: str, k0: int, classes: int) -> "deep_dive_points.Plan":
+def points_plan(mode: str, k0: int, classes: int):
     from deep_dive_points import Plan
 
     if mode == "full":  # the authors' FMNIST jobs: vary_K 5, 7, 10, 12, 20, ...; vary_halt 1, 10, 30, 50 (of 50)
@@ -558,7 +558,6 @@ def points_main(args) -> int:
 
     from dcscale.errors import DcscaleError
 
-    fmnist = args.dataset == "fmnist"
     config = Path(args.config or PAPER_CONFIGS.get(args.dataset, DEFAULT_CONFIG)).resolve()
     results_dir = Path(args.results or ROOT / "docs" / "results" / args.dataset).resolve()
     runs = Path(args.runs or ROOT / "runs" / "deep_dive" / "points" / args.dataset).resolve()

@@ -38,6 +38,7 @@ from dcscale.config import format_value, load_config, parse_value_list
 from dcscale.errors import ConfigError, DcscaleError
 from dcscale.eval.report import read_metrics
 from dcscale.launch_support import check_run_inputs
+from dcscale.outputs import output_dir, writing
 
 FINAL_KEYS = ("loss", "accuracy", "nmi_prev", "nmi_gt", "knn_top1", "empty_clusters", "cluster_min",
               "cluster_median", "cluster_max")
@@ -49,6 +50,7 @@ class Point:
     """One grid point: its overrides, run directory and the commands that produce it."""
     values: dict[str, object]
     run_dir: Path
+    cfg: object  # the point's resolved Config
     commands: list[list[str]] = field(default_factory=list)
 
 
@@ -56,7 +58,12 @@ class Point:
 
 def parse_grid(specs: list[str]) -> dict[str, list]:
     """['cluster.k=10,50'] -> {'cluster.k': [10, 50]} (each value parsed as YAML, like overrides)."""
-    grid = dict(parse_value_list(spec, "--grid", "cluster.halt_after=1,10,30") for spec in specs)
+    grid = {}
+    for spec in specs:
+        key, values = parse_value_list(spec, "--grid", "cluster.halt_after=1,10,30")
+        if key in grid:  # (a dict would keep the last one silently)
+            raise ConfigError(f"--grid {key} is given twice: give all its values in one --grid {key}=v1,v2,...")
+        grid[key] = values
     if not grid:
         raise ConfigError("give at least one --grid key=v1,v2,...")
     return grid
@@ -78,8 +85,8 @@ def make_points(args, grid: dict[str, list]) -> list[Point]:
         run_dir = (out / "runs" / run_name(values)).resolve()
         overrides = [*args.set, *(f"{k}={format_value(v)}" for k, v in values.items()), f"output.dir={run_dir}"]
         cfg = load_config(args.config, overrides)
-        check_run_inputs(cfg, args.config, on_this_machine=args.launcher == "local")
-        point = Point(values, run_dir)
+        check_run_inputs(cfg, args.config, on_this_machine=args.launcher == "local", thorough=False)
+        point = Point(values, run_dir, cfg)
         point.commands.append(train_command(args.config, overrides, args.nproc))
         layer = probe_layer(args, cfg)
         if layer is not None:
@@ -330,17 +337,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.nproc < 1:
+            raise DcscaleError(f"--nproc {args.nproc}: expected an integer >= 1 (processes per run)")
         grid = parse_grid(args.grid)
         points = make_points(args, grid)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
+        output_dir(args.out, "--out")
         todo = [] if args.collect_only else [p for p in points if args.rerun or not is_done(p)]
         user_resume = any(s.split("=", 1)[0].strip() == "resume" for s in args.set)
         for p in todo:
-            if args.rerun:  # start over: the point's run directory is the sweep's own
-                shutil.rmtree(p.run_dir, ignore_errors=True)
+            if args.rerun:
                 p.commands[0].append("resume=null")
+                p.cfg.resume = None
             elif not user_resume:  # an interrupted point continues where it stopped
                 p.commands[0].append("resume=auto")
+                p.cfg.resume = "auto"
+        # Everything each run opens at its start is checked before any run starts (or is removed by
+        # --rerun, whose run directories start over: their own checkpoints are not checked).
+        for p in todo:
+            check_run_inputs(p.cfg, args.config, on_this_machine=args.launcher == "local", world_size=args.nproc,
+                             run_dir_checks=not args.rerun)
+        for p in todo:
+            if args.rerun:  # start over: the point's run directory is the sweep's own
+                shutil.rmtree(p.run_dir, ignore_errors=True)
         if todo and args.launcher == "local":
             run_local(todo)
         elif todo:
@@ -352,8 +370,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = [collect_point(p) for p in points]
     out = Path(args.out)
-    write_csv(rows, out / "sweep.csv")
-    write_plot(rows, grid, out / "sweep.png")
+    try:
+        with writing("--out", out):
+            write_csv(rows, out / "sweep.csv")
+            write_plot(rows, grid, out / "sweep.png")
+    except DcscaleError as err:
+        print(f"sweep: error: {err}", file=sys.stderr)
+        return 2
     ok = sum(r["status"] == "ok" for r in rows)
     print(f"sweep: {ok}/{len(rows)} runs ok ({len(todo)} run now); table {out / 'sweep.csv'}, "
           f"plot {out / 'sweep.png'}")

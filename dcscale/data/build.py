@@ -36,6 +36,7 @@ from dcscale.data.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, Shard
 from dcscale.data.tarindex import INDEX_FILE, IMAGE_EXTS, TarIndex, file_sha256, read_tar, save_index_file, scan_tar
 from dcscale.data.writers import FORMATS, ShardSetWriter, channels_of_mode
 from dcscale.errors import DataError, DcscaleError
+from dcscale.outputs import WRITE_ONLY_ERRNOS, output_error
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def _staged_output(out: Path):
         stage = Path(tempfile.mkdtemp(prefix=_STAGING, dir=out if out.is_dir() else out.parent))
     except OSError as err:
         _remove_created(created)
-        raise DataError(f"cannot write to {out} ({err.strerror})") from None
+        raise output_error("--out", out, err) from None
     try:
         yield stage
         if out.is_dir():
@@ -135,10 +136,21 @@ def _staged_output(out: Path):
             # any directory the user creates (umask), so a shared dataset is readable by the team
             os.chmod(stage, 0o777 & ~_umask())
             os.rename(stage, out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(stage, ignore_errors=True)
         _remove_created(created)
+        if isinstance(err, OSError) and (err.errno in WRITE_ONLY_ERRNOS or _is_under(err.filename, out)):
+            # a write of the new set (a full disk), possibly in a worker process (no file name then)
+            raise output_error("--out", out, err) from None
         raise
+
+
+def _is_under(filename, out: Path) -> bool:
+    """Whether an OSError's file is `out`, in it, or in its staging directory."""
+    if filename is None:
+        return False
+    path = Path(os.fsdecode(filename)).absolute()
+    return out.absolute() in (path, *path.parents) or any(p.name.startswith(_STAGING) for p in (path, *path.parents))
 
 
 def _remove_created(created: list[Path]) -> None:
@@ -533,6 +545,8 @@ def build_from_args(args) -> Manifest:
         raise DcscaleError(f"--samples-per-shard must be >= 1, got {args.samples_per_shard}")
     if not 1 <= args.quality <= 100:
         raise DcscaleError(f"--quality must be in 1..100, got {args.quality}")
+    if args.workers < 1:
+        raise DcscaleError(f"--workers {args.workers}: expected an integer >= 1 (processes that write shards)")
     if args.split is not None and source not in DATASET_SOURCES:
         raise DcscaleError(f"--split does not apply to `{source}`")
     if args.image_format == "keep" and source != "folder":

@@ -24,6 +24,7 @@ import numpy as np
 
 from dcscale.errors import DcscaleError
 from dcscale.eval import features as ft
+from dcscale.outputs import output_dir, output_error, writing
 from dcscale.train.checkpoint import atomic_write
 
 SUMMARY = "embed.json"
@@ -122,9 +123,14 @@ def _prepare_out(out: Path, force: bool) -> str | None:
     old = _ours(out) if out.is_dir() else []
     if old and not force:
         return f"--out {out} already holds an embedding; give --force to replace it"
-    for path in old:
-        path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        for path in old:
+            path.unlink()
+        output_dir(out, "--out")
+    except OSError as err:
+        return str(output_error("--out", out, err))
+    except DcscaleError as err:
+        return str(err)
     return None
 
 
@@ -139,6 +145,8 @@ def run(args) -> int:
             value = getattr(args, name)
             if value is not None and value < 1:
                 raise DcscaleError(f"--{name.replace('_', '-')} {value}: expected an integer >= 1")
+        if args.workers is not None and args.workers < 0:
+            raise DcscaleError(f"--workers {args.workers}: expected an integer >= 0 (DataLoader workers)")
         model, cfg, shape = ft.load_checkpoint_model(args.checkpoint, env.device)
         layer = check_layer(args.layer, model)
         shardset = ShardSet(args.shards)
@@ -159,7 +167,7 @@ def run(args) -> int:
         try:
             table = write_chunks(out, indices, feats, args.chunk_rows)
         except OSError as err:
-            raise DcscaleError(f"cannot write {err.filename or out}: {err.strerror or err}") from None
+            raise output_error("--out", out, err) from None
         all_chunks = dist.gather_rows_to_main(table)
         all_skipped = dist.gather_rows_to_main(np.asarray(skipped, np.int64))
         if env.is_main:
@@ -173,7 +181,8 @@ def run(args) -> int:
                 "skipped": sorted(int(i) for i in all_skipped),
             }
             text = json.dumps(summary, indent=1) + "\n"
-            atomic_write(out / SUMMARY, lambda f: f.write(text.encode()))
+            with writing("--out", out):
+                atomic_write(out / SUMMARY, lambda f: f.write(text.encode()))
             print(f"embed: {summary['count']} of {len(shardset)} images x {dim} ({layer} of {cfg.model.arch}) "
                   f"float16 in {len(all_chunks)} chunk(s) by {env.world_size} process(es)"
                   + (f", {len(all_skipped)} undecodable left out" if len(all_skipped) else "") + f"; wrote {out}")

@@ -30,6 +30,7 @@ import numpy as np
 from dcscale.config import Config, config_to_dict, format_value, load_config, parse_value_list
 from dcscale.errors import ConfigError, DataError
 from dcscale.eval import features as ft
+from dcscale.outputs import output_dir, writing
 from dcscale.train.loop import check_clusterable, degenerate_settings
 
 VARY_EXAMPLES = "cluster.k=10,50,100,500, cluster.pca_dim=..., model.arch=..., model.sobel=..."
@@ -128,8 +129,9 @@ def sample_ia(base: Config, key: str, values: list, seeds: int, env, shards_of, 
             log(f"ia {key}={format_value(value)} seed {cfg.seed}: IA {ia:.4f} "
                 f"(empty {sample['empty_clusters']}, {sample['t_extract']:.1f}+{sample['t_cluster']:.1f} s)")
             if labels_dir is not None and env.is_main:
-                labels_dir.mkdir(parents=True, exist_ok=True)
-                np.save(labels_dir / labels_file_name(key, value, cfg.seed), labels)
+                with writing("--out", labels_dir.parent):
+                    labels_dir.mkdir(parents=True, exist_ok=True)
+                    np.save(labels_dir / labels_file_name(key, value, cfg.seed), labels)
             name = format_value(value)
             if keep_best and (name not in best or ia > best[name]["ia"]):
                 best[name] = {"ia": ia, "seed": cfg.seed, "value": value, "config": config_to_dict(cfg),
@@ -231,7 +233,8 @@ def run(args) -> int:
         _with(base, key, value, base.seed)
     if base.data.train is None and key != "data.train":
         raise ConfigError(f"data.train is not set in {args.config}")
-    env = dist.init_distributed(base.dist.backend, base.dist.timeout_min, base.cluster.wait_timeout_min)
+    env = dist.init_distributed(base.dist.backend, base.dist.timeout_min, base.cluster.wait_timeout_min,
+                                base.dist.rendezvous_timeout_s)
     try:
         opened: dict[str, ShardSet] = {}
 
@@ -249,14 +252,13 @@ def run(args) -> int:
                 for warning in degenerate_settings(cfg, len(shards_of(cfg))):
                     logging.getLogger("dcscale").warning("%s=%s: %s", key, format_value(value), warning)
         shardset = shards_of(base if base.data.train is not None else _with(base, key, values[0], base.seed))
-        out = Path(args.out)
+        out = output_dir(args.out, "--out") if env.is_main else Path(args.out)  # (before the sampling)
         log = print if env.is_main else (lambda *_: None)
         samples, best = sample_ia(base, key, values, args.seeds, env, shards_of, log=log,
                                   keep_best=args.select_seed,
                                   labels_dir=out / "labels" if args.save_labels else None)
         if not env.is_main:
             return 0
-        out.mkdir(parents=True, exist_ok=True)
         summary = summarise_by_value(samples, values, "ia")
         chosen = recommend(summary)
         result = {"key": key, "values": values, "seeds": args.seeds, "config": str(args.config),
@@ -267,14 +269,16 @@ def run(args) -> int:
                   "summary_geometric": summarise_by_value(samples, values, "ia_geometric"),
                   "recommendation": {"key": key, "value": next(v for v in values if format_value(v) == chosen),
                                      "median_ia": summary[chosen]["median"]}}
-        write_boxplot(key, values, samples, chosen, out / "ia_boxplot.png")
-        write_tensorboard(key, values, samples, out)
+        with writing("--out", out):
+            write_boxplot(key, values, samples, chosen, out / "ia_boxplot.png")
+            write_tensorboard(key, values, samples, out)
         for name in summary:
             s = summary[name]
             print(f"ia {key}={name}: median {s['median']:.4f} IQR [{s['q1']:.4f}, {s['q3']:.4f}] (n={s['n']})")
         if args.select_seed:
             pick = best[chosen]
-            save_best_init(pick, out / "best_init.pt")
+            with writing("--out", out):
+                save_best_init(pick, out / "best_init.pt")
             result["best_init"] = {"path": str(out / "best_init.pt"), "seed": pick["seed"], "ia": pick["ia"],
                                    "value": pick["value"]}
             # a run directory of its own: the config's output.dir may hold another run (resume: auto
@@ -284,7 +288,8 @@ def run(args) -> int:
             result["best_init"]["train_command"] = cmd
             print(f"ia: best init of {key}={chosen}: seed {pick['seed']} IA {pick['ia']:.4f}, saved "
                   f"{out / 'best_init.pt'}; train from it with:\n  {cmd}")
-        (out / "ia.json").write_text(json.dumps(result, indent=1) + "\n")
+        with writing("--out", out):
+            (out / "ia.json").write_text(json.dumps(result, indent=1) + "\n")
         print(f"ia: {len(samples)} samples; recommended {key}={chosen} (median IA "
               f"{summary[chosen]['median']:.4f}); wrote {out / 'ia.json'}, {out / 'ia_boxplot.png'}")
         return 0

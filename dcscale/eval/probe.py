@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -47,6 +48,7 @@ from torch import nn
 from dcscale.config import Config, EvalConfig, load_config
 from dcscale.errors import DcscaleError
 from dcscale.eval import features as ft
+from dcscale.outputs import output_dir, output_error, output_file, writing
 
 PROTOCOLS = ("fast", "deepdive", "deepcluster")
 SCHEDULES = ("cosine", "step", "constant", "inv_sqrt")
@@ -620,12 +622,19 @@ def layer_features(fn, shardset, transform, env, batch_size: int, workers: int,
     if not dist.any_rank(not hit):
         return np.load(cache[0]), np.load(cache[1])
     feats, labels = ft.labelled_rows(fn, shardset, transform, env, batch_size, workers)
-    if cache is not None:
-        cache[0].parent.mkdir(parents=True, exist_ok=True)
-        for path, array in zip(cache, (feats, labels)):
-            tmp = path.with_name(path.name + ".tmp.npy")
-            np.save(tmp, array)
-            tmp.replace(path)
+    if cache is not None:  # every rank its own pair (one process: the whole split)
+        try:
+            cache[0].parent.mkdir(parents=True, exist_ok=True)
+            for path, array in zip(cache, (feats, labels)):
+                tmp = path.with_name(path.name + ".tmp.npy")
+                try:
+                    np.save(tmp, array)
+                    tmp.replace(path)
+                finally:
+                    tmp.unlink(missing_ok=True)
+        except OSError as err:  # the cache only saves time: the probe goes on with the features in hand
+            logging.getLogger("dcscale").warning("%s; these features are not cached", output_error(
+                "--cache-dir", cache[0].parent, err))
     return feats, labels
 
 
@@ -692,6 +701,21 @@ def _settings(args, protocol: str, cfg: Config | None, seed: int) -> tuple[Probe
 
 
 def _check_options(args) -> None:
+    """The command line alone, before anything is opened: one line for a value no probe can use."""
+    if args.overrides and not args.config:
+        raise DcscaleError(f"{args.overrides[0]}: key=value overrides need --config FILE (they change its values)")
+    for flag, value, ok, expected in (
+            ("--lr", args.lr, lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+            ("--momentum", args.momentum, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+            ("--weight-decay", args.weight_decay, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+            ("--epochs", args.epochs, lambda v: v >= 1, "an integer >= 1"),
+            ("--batch-size", args.batch_size, lambda v: v >= 1, "an integer >= 1"),
+            ("--extract-batch-size", args.extract_batch_size, lambda v: v >= 1, "an integer >= 1"),
+            ("--pool-dim", args.pool_dim, lambda v: v >= 1, "an integer >= 1"),
+            ("--workers", args.workers, lambda v: v >= 0, "an integer >= 0"),
+            ("--seed", args.seed, lambda v: 0 <= v < 2**64, "an integer from 0 to 2**64 - 1")):
+        if value is not None and not ok(value):  # (NaN fails every comparison)
+            raise DcscaleError(f"{flag} {value}: expected {expected}")
     if args.protocol not in PROTOCOLS:
         raise DcscaleError(f"--protocol {args.protocol}: expected one of {', '.join(PROTOCOLS)}")
     if args.protocol == "fast" and args.layer is None:
@@ -789,6 +813,10 @@ def run(args) -> int:
     from dcscale.data.shardset import ShardSet
 
     _check_options(args)
+    if args.json:
+        output_file(args.json, "--json")
+    if args.cache_dir:
+        output_dir(args.cache_dir, "--cache-dir")
     env = dist.init_distributed()
     try:
         train_ss, test_ss = ShardSet(args.train), ShardSet(args.test)
@@ -855,8 +883,9 @@ def run(args) -> int:
             }
             if args.json:
                 path = Path(args.json)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(report, indent=1) + "\n")
+                with writing("--json", path):
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(report, indent=1) + "\n")
             best = max(results, key=lambda n: results[n]["top1"])
             print(f"probe: {len(results)} layer(s) of {kind}, protocol {args.protocol}; best {best} top1 "
                   f"{100 * results[best]['top1']:.2f}" + (f"; wrote {args.json}" if args.json else ""))

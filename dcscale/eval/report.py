@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dcscale.errors import DcscaleError
+from dcscale.outputs import output_dir, writing
 from dcscale.train.logging import metrics_lines
 
 log = logging.getLogger("dcscale")
@@ -170,8 +171,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list
     rows = read_metrics(run_dir)
     if not rows:
         raise DcscaleError(f"{run_dir / 'metrics.jsonl'} has no cycles yet")
-    out = Path(out_dir) if out_dir is not None else run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(Path(out_dir) if out_dir is not None else run_dir / "report", "--out")
 
     written, shown = [], []
     for name, panel in PANELS.items():
@@ -179,7 +179,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list
         if _draw(ax, rows, panel):
             fig.tight_layout()
             path = out / f"{name}.png"
-            fig.savefig(path, dpi=100)
+            with writing("--out", out):
+                fig.savefig(path, dpi=100)
             written.append(path)
             shown.append(name)
         plt.close(fig)
@@ -194,7 +195,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list
     fig.suptitle(f"{run_dir.name}: {len(rows)} cycles")
     fig.tight_layout()
     path = out / "overview.png"
-    fig.savefig(path, dpi=80)
+    with writing("--out", out):
+        fig.savefig(path, dpi=80)
     plt.close(fig)
     written.append(path)
     return written + write_cluster_images(run_dir, rows, out)
@@ -239,7 +241,8 @@ def write_cluster_images(run_dir: Path, rows: list[dict], out: Path) -> list[Pat
     written = []
     for name, picture in pictures.items():
         path = out / f"{name}.png"
-        Image.fromarray(picture).save(path)
+        with writing("--out", out):
+            Image.fromarray(picture).save(path)
         written.append(path)
     return written
 

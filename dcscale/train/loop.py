@@ -43,7 +43,8 @@ from dcscale.train.compute import Compute, check_platform, grad_scaler, prepare_
 from dcscale.train.images import (MONTAGE_PER_ROW, cluster_record, cycle_images, montage_clusters, montage_due,
                                   write_record)
 from dcscale.train.logging import MetricsLogger, console_line, json_row
-from dcscale.train.rundir import check_same_run, claim_run_dir, decided_by_main, release_run_dir, write_run_config
+from dcscale.train.rundir import (check_run_dir_free, check_same_run, claim_run_dir, decided_by_main, note_start,
+                                  release_run_dir, undo_failed_start, write_run_config)
 
 log = logging.getLogger("dcscale")
 
@@ -78,30 +79,97 @@ def summed_totals(totals: dict) -> dict:
     return {"loss_sum": loss_sum, "correct": int(correct), "seen": int(seen)}
 
 
-def train(cfg: Config) -> dict:
-    env = dist.init_distributed(cfg.dist.backend, cfg.dist.timeout_min, cfg.cluster.wait_timeout_min)
-    check_platform(cfg, env.device, env.distributed)  # e.g. fp16 on a CPU: one line, before any work
-    run_dir = Path(cfg.output.dir)
+@dataclass
+class RunInputs:
+    """What a run opens before its first write: the shard sets, the transforms and the network."""
+
+    shards: ShardSet
+    channels: int
+    image_size: int
+    knn_queries: ShardSet | None
+    eval_tf: object
+    train_tf: object
+    model: torch.nn.Module  # on the CPU, with model.init's weights when given
+
+
+def open_inputs(cfg: Config, device: torch.device | None, distributed: bool) -> RunInputs:
+    """Open and check everything the run reads before it starts (training and `dcscale train --check`
+    both call this, so the check cannot drift from what training refuses): the platform options on
+    `device` (None: not known here, e.g. a SLURM login node), the shard sets (manifest against the
+    tars), the input shape against the network and data.mean/std, K and pca_dim against the data and
+    the network's feature width, and model.init's weights."""
+    if device is not None:
+        check_platform(cfg, device, distributed)  # e.g. fp16 on a CPU: one line, before any work
     shards = ShardSet(cfg.data.train)
     channels, image_size = input_shape(shards, cfg)
-    # Only rank 0 logs the NMIs, so only it holds the ground truth and the previous labels (4 N bytes each).
-    gt_labels = shards.labels() if shards.manifest.has_labels and env.is_main else None
     check_output_dir(cfg)
     knn_queries = monitor_shards(cfg, shards)  # opened (and checked) now, not at the first k-NN cycle
     eval_tf = eval_transform(image_size, channels, resize=cfg.data.resize, mean=cfg.data.mean, std=cfg.data.std)
     train_tf = train_transform(image_size, channels, cfg.train.augment, cfg.train.crop_scale_min,
                                cfg.train.hflip, mean=cfg.data.mean, std=cfg.data.std,
                                per_batch=cfg.train.augment_per_batch)
-
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and at every world size
-    model = build_model_from_config(cfg, in_channels=channels, image_size=image_size).to(env.device)
-    prepare_model(model, cfg, env.distributed)  # SyncBatchNorm, channels_last, compile (in place)
+    model = build_model_from_config(cfg, in_channels=channels, image_size=image_size)
     check_clusterable(cfg, model, shards)
-    if env.is_main:
+    if dist.is_main():
         for warning in degenerate_settings(cfg, len(shards)):
             log.warning(warning)
     if cfg.model.init:
         load_initial_weights(model, cfg.model.init)
+    return RunInputs(shards, channels, image_size, knn_queries, eval_tf, train_tf, model)
+
+
+def check_start(cfg: Config, world_size: int, on_this_machine: bool = True, run_dir_checks: bool = True) -> None:
+    """`dcscale train --check`: everything the start of training refuses, without a process group and
+    without writing anything. `on_this_machine`: also the device options (backend, precision, sync_bn,
+    compile) as on this machine; `run_dir_checks`: also the run directory (held by a live run, holding
+    a run of another config) and the checkpoint `resume` finds there, loaded, verified and fitted into
+    the network (a `resume` path given outside the run directory is checked either way)."""
+    device = None
+    if on_this_machine:
+        dist.check_backend(cfg.dist.backend)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    inputs = open_inputs(cfg, device, world_size > 1)
+    run_dir = Path(cfg.output.dir)
+    resume_path, ckpt = None, None
+    if run_dir_checks:
+        check_run_dir_free(run_dir)
+        resume_path, ckpt = find_start(cfg.resume, run_dir)
+    elif cfg.resume not in (None, "auto"):
+        resume_path, ckpt = cfg.resume, load_checkpoint(Path(cfg.resume))
+    if resume_path is None:
+        return
+    resume_path = Path(resume_path)
+    if run_dir_checks and in_run_dir(resume_path, run_dir):
+        check_same_run(ckpt.get("config", {}), cfg, run_dir)
+    body_opt = torch.optim.SGD(inputs.model.body_parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
+                               weight_decay=cfg.train.weight_decay)
+    restore(ckpt, resume_path, inputs.model, body_opt, cfg, len(inputs.shards), (inputs.channels, inputs.image_size),
+            world_size=world_size)
+
+
+def train(cfg: Config) -> dict:
+    """Run DeepCluster as `cfg` says; a start that fails (before the first checkpoint) leaves the run
+    directory as it found it."""
+    try:
+        return run_training(cfg)
+    except DcscaleError:
+        if dist.is_main():
+            undo_failed_start(Path(cfg.output.dir))
+        raise
+
+
+def run_training(cfg: Config) -> dict:
+    env = dist.init_distributed(cfg.dist.backend, cfg.dist.timeout_min, cfg.cluster.wait_timeout_min,
+                                cfg.dist.rendezvous_timeout_s)
+    inputs = open_inputs(cfg, env.device, env.distributed)
+    run_dir = Path(cfg.output.dir)
+    shards, channels, image_size = inputs.shards, inputs.channels, inputs.image_size
+    knn_queries, eval_tf, train_tf = inputs.knn_queries, inputs.eval_tf, inputs.train_tf
+    # Only rank 0 logs the NMIs, so only it holds the ground truth and the previous labels (4 N bytes each).
+    gt_labels = shards.labels() if shards.manifest.has_labels and env.is_main else None
+    model = inputs.model.to(env.device)
+    prepare_model(model, cfg, env.distributed)  # SyncBatchNorm, channels_last, compile (in place)
     body_opt = torch.optim.SGD(model.body_parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
                                weight_decay=cfg.train.weight_decay)
     head_opt = None
@@ -201,7 +269,14 @@ def train(cfg: Config) -> dict:
 def claim_and_find(resume: str | None, run_dir: Path) -> tuple[str | None, dict | None]:
     """(rank 0) Lock the run directory, then find the checkpoint to resume from, verified:
     (its path for every rank, its content for rank 0)."""
+    note_start(run_dir)
     claim_run_dir(run_dir)
+    return find_start(resume, run_dir)
+
+
+def find_start(resume: str | None, run_dir: Path) -> tuple[str | None, dict | None]:
+    """The checkpoint to resume from, verified (its path, its content), or (None, None) for a fresh
+    run; a fresh run into a directory that holds another run is refused."""
     path, ckpt, note = find_resume_checkpoint(resume, run_dir)
     if note:
         log.warning(note)
@@ -594,9 +669,11 @@ def plain_values(values: dict) -> dict:
     return {k: v.item() if isinstance(v, np.generic) else v for k, v in values.items()}
 
 
-def restore(ckpt: dict, path: Path, model, body_opt, cfg: Config, n_images: int, shape: tuple[int, int]):
-    """(RunState, head optimizer or None) from a loaded checkpoint, into `model` and `body_opt`."""
-    check_resumable(ckpt, path, cfg, n_images, shape)
+def restore(ckpt: dict, path: Path, model, body_opt, cfg: Config, n_images: int, shape: tuple[int, int],
+            world_size: int | None = None):
+    """(RunState, head optimizer or None) from a loaded checkpoint, into `model` and `body_opt`;
+    `world_size`: the run's (default: this process group's)."""
+    check_resumable(ckpt, path, cfg, n_images, shape, world_size)
     model.reset_head(ckpt["k"])
     try:
         model.load_state_dict(ckpt["model"])
@@ -630,7 +707,8 @@ def _array_or_none(labels: torch.Tensor | None) -> np.ndarray | None:
     return None if labels is None else labels.numpy()
 
 
-def check_resumable(ckpt: dict, path: Path, cfg: Config, n_images: int, shape: tuple[int, int]) -> None:
+def check_resumable(ckpt: dict, path: Path, cfg: Config, n_images: int, shape: tuple[int, int],
+                    world_size: int | None = None) -> None:
     """One line for a checkpoint this run cannot continue: not a training checkpoint of this format,
     another network or input shape, another shard set size; and a mid-epoch position only means
     something for the world size and per-rank batch size that wrote it (the sampler's share and the
@@ -654,7 +732,7 @@ def check_resumable(ckpt: dict, path: Path, cfg: Config, n_images: int, shape: t
         raise DcscaleError(f"{path} was written for a shard set of {len(ckpt['labels'])} images; {cfg.data.train} "
                            f"has {n_images}: resume on the shard set the run trained on, or give a new output.dir")
     mid_epoch = ckpt.get("step", 0) > 0 or ckpt.get("epoch", 0) > 0
-    world_size = dist.get_env().world_size
+    world_size = world_size or dist.get_env().world_size
     saved_ws, saved_bs = ckpt.get("world_size", world_size), ckpt.get("batch_size", cfg.train.batch_size)
     if mid_epoch and (saved_ws != world_size or saved_bs != cfg.train.batch_size):
         raise DcscaleError(f"{path} was written mid-epoch by {saved_ws} process(es) with train.batch_size="

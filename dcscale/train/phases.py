@@ -320,22 +320,23 @@ def train_steps(ddp_model, loader, optimizers, env: dist.DistEnv, start_step: in
     for batch in progress(loader, len(loader), "train", env.is_main, unit="steps"):
         images = compute.batch(batch.images)
         targets = batch.labels.to(env.device, non_blocking=True)
-        with compute.autocast():
-            logits = ddp_model(images)
-        loss = criterion(logits.float(), targets)  # (the loss in fp32 whatever the precision)
-        if dist.any_rank(not torch.isfinite(loss).item()):
-            raise NonFiniteLoss(step)
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
+        with dist.waiting("a training step (DDP's collectives)"):  # a stopped peer is reported while it waits
+            with compute.autocast():
+                logits = ddp_model(images)
+            loss = criterion(logits.float(), targets)  # (the loss in fp32 whatever the precision)
+            if dist.any_rank(not torch.isfinite(loss).item()):
+                raise NonFiniteLoss(step)
             for opt in optimizers:
-                opt.step()
-        else:
-            scaler.scale(loss).backward()
-            for opt in optimizers:
-                scaler.step(opt)
-            scaler.update()
+                opt.zero_grad(set_to_none=True)
+            if scaler is None:
+                loss.backward()
+                for opt in optimizers:
+                    opt.step()
+            else:
+                scaler.scale(loss).backward()
+                for opt in optimizers:
+                    scaler.step(opt)
+                scaler.update()
         totals["loss_sum"] += float(loss.item()) * len(targets)
         totals["correct"] += int((logits.argmax(1) == targets).sum().item())
         totals["seen"] += len(targets)

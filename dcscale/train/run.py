@@ -11,6 +11,7 @@ import traceback
 
 from dcscale.config import dump_config, load_config
 from dcscale.errors import DcscaleError
+from dcscale.dist import process_env
 from dcscale.launch_support import check_run_inputs
 
 
@@ -18,18 +19,25 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. cluster.k=500")
     parser.add_argument("--check", action="store_true",
-                        help="check the config and the run's inputs (shard sets, checkpoints, backend), run nothing")
+                        help="check the config and everything the run would open (shard sets, checkpoints, the "
+                             "network for the images, the run directory, platform options), run nothing")
+    parser.add_argument("--nproc", type=int, default=None, metavar="N",
+                        help="with --check: check for a run of N processes (default: $WORLD_SIZE, else 1)")
 
 
 def run(args) -> int:
     exit_with_launcher()
-    rank = int(os.environ.get("RANK", "0"))
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world_size, local_rank = process_env()
     try:  # bad config or inputs: exit 2 before any work starts
         cfg = load_config(args.config, args.overrides)
-        train_set = check_run_inputs(cfg, args.config)
+        if args.nproc is not None and not args.check:
+            raise DcscaleError("--nproc applies to --check only (a run's processes come from torchrun or submitit)")
+        if args.nproc is not None and args.nproc < 1:
+            raise DcscaleError(f"--nproc {args.nproc}: expected an integer >= 1")
+        # A run checks quickly here: training itself opens and checks the rest before it writes anything.
+        train_set = check_run_inputs(cfg, args.config, world_size=args.nproc or world_size, thorough=args.check)
     except DcscaleError:
-        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        if local_rank != 0 and "LOCAL_RANK" in os.environ:
             raise SystemExit(2) from None  # every rank found the same: one line per machine is enough
         raise
     if args.check:

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from dcscale import dist
 from dcscale.config import RESUME_MAY_CHANGE, Config, format_value, resume_differences, save_config
 from dcscale.errors import DcscaleError
 from dcscale.safefile import create_new, open_fd, refuse_links
-from dcscale.train.checkpoint import checkpoint_dir
+from dcscale.train.checkpoint import checkpoint_dir, newest_checkpoint
 
 LOCK_NAME = ".lock"
 # What a run writes in its directory: none of them may be a link (it would lead the writes elsewhere).
@@ -66,14 +68,16 @@ def claim_run_dir(run_dir: Path) -> None:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        holder = handle.read().strip() or "a process that has not written its name yet"
+        err = in_use_error(run_dir, handle.read())
         handle.close()
-        raise DcscaleError(f"{run_dir} is in use by another run ({holder}); wait for it to end or stop it, "
-                           f"or give another output.dir") from None
+        raise err from None
     except OSError as err:  # e.g. ENOLCK: a network filesystem mounted without lock support
         handle.close()
         raise DcscaleError(f"cannot lock {run_dir / LOCK_NAME}: {err.strerror} (the filesystem does not support "
                            f"flock; put output.dir on one that does)") from None
+    if not _still_in_place(handle, run_dir / LOCK_NAME):  # a failed start removed it while this one waited
+        handle.close()
+        return claim_run_dir(run_dir)
     try:
         handle.seek(0)
         handle.truncate()
@@ -90,6 +94,41 @@ def claim_run_dir(run_dir: Path) -> None:
     _HELD[key] = handle
 
 
+def _still_in_place(handle, path: Path) -> bool:
+    """Whether the open lock file is still the one at `path` (not removed or replaced since it was opened)."""
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except OSError:
+        return False
+
+
+def in_use_error(run_dir: Path, lock_text: str) -> DcscaleError:
+    holder = lock_text.strip() or "a process that has not written its name yet"
+    return DcscaleError(f"{run_dir} is in use by another run ({holder}); wait for it to end or stop it, "
+                        f"or give another output.dir")
+
+
+def check_run_dir_free(run_dir: Path) -> None:
+    """(`dcscale train --check`) Fail with one line if a live run holds `run_dir`, as `claim_run_dir`
+    would, without creating or writing anything: a shared lock is refused while another process
+    holds the exclusive one, and is dropped at once."""
+    path = run_dir / LOCK_NAME
+    if run_dir.resolve() in _HELD or not os.path.lexists(path):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as err:
+        raise DcscaleError(f"cannot open {path}: {err.strerror} (a run directory's lock file must be a plain "
+                           f"file)") from None
+    with os.fdopen(fd, "r") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise in_use_error(run_dir, handle.read()) from None
+        except OSError:
+            return  # no flock on this filesystem: claim_run_dir says so when the run starts
+
+
 def _check_writable(folder: Path) -> None:
     """Fail now, not at the end of the first cycle, if checkpoints cannot be written."""
     try:
@@ -99,6 +138,49 @@ def _check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise DcscaleError(f"{folder} is not writable: {err.strerror}") from None
+
+
+@dataclass
+class _Start:
+    created: list[Path]  # run_dir and the parents this start creates, deepest first
+    entries_before: set[str]  # what run_dir held before
+
+
+_STARTS: dict[Path, _Start] = {}
+
+
+def note_start(run_dir: Path) -> None:
+    """(rank 0, before `claim_run_dir`) Remember what exists, so that `undo_failed_start` removes only
+    what this run added."""
+    run_dir = run_dir.absolute()
+    _STARTS[run_dir] = _Start([p for p in (run_dir, *run_dir.parents) if not p.exists()],
+                              set(os.listdir(run_dir)) if run_dir.is_dir() else set())
+
+
+def undo_failed_start(run_dir: Path) -> None:
+    """(rank 0) A run that stopped on an error before its first checkpoint leaves its directory as it found
+    it: what it added (.lock, config.yaml, tb/, metrics.jsonl, labels.npy, an empty checkpoints/) is removed,
+    and the directory itself (and parents) if this run created them. With a checkpoint there is work to
+    keep: nothing is removed. The lock file goes last, while still held (a run that opened it meanwhile
+    sees that it was replaced: `claim_run_dir`)."""
+    start = _STARTS.pop(run_dir.absolute(), None)
+    if start is None or run_dir.resolve() not in _HELD or newest_checkpoint(run_dir) is not None:
+        return  # (not held: another run's directory, or this one never got it; leave it alone)
+    added = sorted(set(os.listdir(run_dir)) - start.entries_before - {LOCK_NAME})
+    for name in added:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if LOCK_NAME not in start.entries_before:
+        (run_dir / LOCK_NAME).unlink(missing_ok=True)
+    release_run_dir(run_dir)
+    for path in start.created:
+        try:
+            path.rmdir()
+        except OSError:  # not empty: something else wrote there meanwhile
+            break
 
 
 def release_run_dir(run_dir: Path) -> None:
