@@ -28,7 +28,7 @@ from dcscale.cluster.kmeans import cycle_seed, kmeans_memory_bytes, physical_mem
 from dcscale.cluster.lloyd import distributed_kmeans_memory_bytes
 from dcscale.cluster.metrics import cluster_stats, nmi_scores
 from dcscale.cluster.pca import PCA, fit_pca_across_ranks
-from dcscale.config import Config, config_to_dict, get_key
+from dcscale.config import ClusterConfig, Config, config_to_dict, get_key
 from dcscale.data.loaders import SeededDraws
 from dcscale.data.sampler import UniformClusterSampler
 from dcscale.data.shardset import ShardSet
@@ -362,7 +362,9 @@ def check_clusterable(cfg: Config, model, shards: ShardSet) -> None:
                 f"the {n} images of {shards.root}"
             raise DcscaleError(f"{what} are too few rows to fit a PCA to cluster.pca_dim = {c.pca_dim} dims: the "
                                f"sample needs at least {c.pca_dim} rows; raise cluster.pca_sample or lower pca_dim")
-        if c.pca_sample is not None and c.pca_sample > n and dist.is_main():
+        # said only for a value the user chose: the default (100,000) exceeds every small set
+        if c.pca_sample is not None and c.pca_sample > n and c.pca_sample != ClusterConfig().pca_sample \
+                and dist.is_main():
             log.info("cluster.pca_sample = %d is more than the %d images of %s: the PCA is fitted on all of them",
                      c.pca_sample, n, shards.root)
     dim = model.feature_dim if c.pca_dim is None else c.pca_dim
