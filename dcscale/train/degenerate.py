@@ -1,7 +1,7 @@
 """Degenerate clustering: the cycles where DeepCluster has fallen into a trivial solution, said in
 words (the cycle's console line, `degenerate` in metrics.jsonl, `cluster/degenerate` in TensorBoard).
 
-Two signs, each far from anything a healthy run shows (measured in docs/degenerate.md):
+Two signs (what they say on the demo, the paper configs and runs built to collapse: docs/degenerate.md):
 
 - **One giant cluster**: the largest cluster holds more than (1 + 1/K) / 2 of the labelled images,
   midway between its fair share 1/K and all of them: more than half for any K (55% at K=10, 60% at
