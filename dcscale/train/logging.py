@@ -15,6 +15,7 @@ import numpy as np
 
 from dcscale.errors import DcscaleError
 from dcscale.safefile import open_append, write_new_text
+from dcscale.train.degenerate import warning_text
 
 PHASES = ("extract", "pca", "kmeans", "assign", "train")
 PROGRESS_ENV = "DCSCALE_PROGRESS_S"  # seconds between progress lines in logs (0: every 10%)
@@ -103,6 +104,10 @@ class MetricsLogger:
             if key != "cycle" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.tb.add_scalar(_tb_name(key), value, cycle)
         self.tb.add_scalar("cluster/clustered", float(bool(metrics.get("clustered"))), cycle)
+        if "degenerate" in metrics:  # a 0/1 curve to spot the cycles, and the words on the ones that are
+            self.tb.add_scalar("cluster/degenerate", float(bool(metrics["degenerate"])), cycle)
+            if metrics["degenerate"]:
+                self.tb.add_text("warnings/degenerate_clustering", warning_text(metrics["degenerate"]), cycle)
         if cluster_sizes is not None and len(cluster_sizes):
             self.tb.add_histogram("cluster/sizes", cluster_sizes, cycle)
         self.tb.flush()
@@ -157,11 +162,12 @@ def console_line(m: dict) -> str:
 
     clustered = "clustered" if m.get("clustered") else "halted"
     knn = f" | knn {m['knn_top1']:.3f}" if m.get("knn_top1") is not None else ""
+    warning = f" | WARNING {warning_text(m['degenerate'])}" if m.get("degenerate") else ""
     return (f"cycle {m['cycle']:>3} | loss {fmt(m.get('loss'), '.4f')} | acc {fmt(m.get('accuracy'), '.3f')} "
             f"| nmi_prev {fmt(m.get('nmi_prev'), '.3f')} | nmi_gt {fmt(m.get('nmi_gt'), '.3f')} "
             f"| empty {m.get('empty_clusters')} | {clustered} | {m['t_cycle']:.1f}s "
             f"(extract {m['t_extract']:.1f} pca {m['t_pca']:.1f} kmeans {m['t_kmeans']:.1f} "
-            f"assign {m['t_assign']:.1f} train {m['t_train']:.1f}){knn}")
+            f"assign {m['t_assign']:.1f} train {m['t_train']:.1f}){knn}{warning}")
 
 
 

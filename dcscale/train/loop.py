@@ -40,6 +40,7 @@ from dcscale.train import phases
 from dcscale.train.checkpoint import (FORMAT, atomic_write, find_resume_checkpoint, in_run_dir, load_checkpoint,
                                      load_error, newest_checkpoint, reset_timeline, save_checkpoint, write_failure)
 from dcscale.train.compute import Compute, check_platform, grad_scaler, prepare_model
+from dcscale.train.degenerate import cycle_ranges, degenerate_clustering
 from dcscale.train.images import (MONTAGE_PER_ROW, cluster_record, cycle_images, montage_clusters, montage_due,
                                   write_record)
 from dcscale.train.logging import MetricsLogger, console_line, json_row
@@ -244,6 +245,7 @@ def run_training(cfg: Config) -> dict:
             metrics["knn_top1"], knn_confusion = knn.top1, knn.confusion
         history.append(metrics)
         sizes = cluster_stats(state.labels, cfg.cluster.k)["sizes"]
+        metrics["degenerate"] = degenerate_clustering(sizes, cycle, metrics["loss"], metrics["accuracy"])
 
         def draw_images():  # (rank 0) this cycle's TensorBoard images
             return cycle_images(cfg, cycle, metrics, model, shards, run_dir, state.labels, gt_labels, knn_confusion)
@@ -771,6 +773,10 @@ def print_summary(history: list[dict], run_dir: Path) -> None:
     gt = " ".join("-" if m.get("nmi_gt") is None else f"{m['nmi_gt']:.2f}" for m in history)
     print(f"NMI(t-1, t) by cycle: {curve}")
     print(f"NMI(labels, t) by cycle: {gt}")
+    degenerate = [m["cycle"] for m in history if m.get("degenerate")]
+    if degenerate:
+        print(f"degenerate clustering in {len(degenerate)} of {len(history)} cycles (cycles "
+              f"{cycle_ranges(degenerate)}): see their cycle lines")
     last = history[-1]
     print(f"dcscale train: done {last['cycle'] + 1} cycles, final loss {last['loss']:.4f}; "
           f"metrics {run_dir / 'metrics.jsonl'}; TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
