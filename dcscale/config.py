@@ -72,9 +72,9 @@ class DataConfig:
 class ModelConfig:
     """The network."""
 
-    arch: str = key("lenet5", "lenet5; alexnet, DeepCluster's; alexnet_micro, the Deep Dive's 32x32 AlexNet; "
-                    "alexnet_small, ours: the Deep Dive's filter counts on a wider 32x32 AlexNet; vgg16_bn; "
-                    "resnet50.", (lambda v: v in ARCHS, "one of " + ", ".join(ARCHS)))
+    arch: str = key("lenet5", "The network's architecture. alexnet: DeepCluster's; alexnet_micro: the Deep Dive's "
+                    "32x32 AlexNet; alexnet_small: ours, the Deep Dive's filter counts on a wider 32x32 AlexNet.",
+                    (lambda v: v in ARCHS, "one of " + ", ".join(ARCHS)))
     sobel: bool = key(False, "A fixed grayscale + Sobel front (2 channels, not trained).")
     batch_norm: bool = key(True, "Batch normalisation after each convolution.")
     init: str | None = key(None, "A .pt whose \"model\" weights start the body (e.g. from `dcscale ia "
