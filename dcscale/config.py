@@ -40,8 +40,18 @@ def key(default: Any, help: str, check: tuple[Any, str] | None = None, resume: s
     """One config key, declared once: its default, its help (the reference page's text), its range check
     (predicate, what is allowed) and whether a resumed run may change it ("may change": it extends the
     run or only watches it, never what it computes). The type is the field's annotation."""
-    assert resume in RESUME_POLICIES, resume
-    return field(default=default, metadata={"help": help, "check": check, "resume": resume})
+    if resume not in RESUME_POLICIES:
+        raise ValueError(f"resume={resume!r}: expected one of {RESUME_POLICIES}")
+    metadata = {"help": help, "check": check, "resume": resume}
+    if isinstance(default, list):  # (a dataclass shares a plain default between instances: each gets a copy)
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def default_of(declaration: dataclasses.Field) -> Any:
+    if declaration.default_factory is not dataclasses.MISSING:
+        return declaration.default_factory()
+    return declaration.default
 
 
 @dataclass

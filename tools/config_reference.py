@@ -23,7 +23,7 @@ import typing
 from pathlib import Path
 from typing import Literal
 
-from dcscale.config import Config, all_keys, declared, format_value
+from dcscale.config import Config, all_keys, declared, default_of, format_value
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "configuration.md"
@@ -56,7 +56,7 @@ def _row(key: str, tp) -> str:
     described = meta["help"]
     if meta["check"] is not None:
         described += f" Must be {meta['check'][1]}."
-    cells = [f"`{key}`", type_name(tp), f"`{format_value(declaration.default)}`", meta["resume"], described]
+    cells = [f"`{key}`", type_name(tp), f"`{format_value(default_of(declaration))}`", meta["resume"], described]
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
