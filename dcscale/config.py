@@ -196,7 +196,8 @@ class DistConfig:
 class OutputConfig:
     """Where the run goes."""
 
-    dir: str = key("runs/default", "The run directory (checkpoints, metrics, TensorBoard, config.yaml).",
+    dir: str = key("runs/default", "The run directory (checkpoints, metrics, TensorBoard, config.yaml); a "
+                   "resumed run may name the directory it was copied to.",
                    (lambda v: bool(v.strip()), "a directory for the run (not empty: the run would land in the "
                     "current directory)"), resume="may change")
     images_every: int | None = key(10, "TensorBoard images (cluster montages, filters, heatmaps) at cycle 0, "
