@@ -606,8 +606,6 @@ def save_config(cfg: Config, path: str | Path, footer: str = "") -> None:
     tmp.replace(path)
 
 
-
-
 def resume_may_change(leave_out: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The keys declared resume="may change" (they extend the run or only watch it, never what it computes),
     less `leave_out`, in schema order; a section whose keys all may change is named as a whole ("eval.")."""
@@ -620,6 +618,8 @@ def resume_may_change(leave_out: tuple[str, ...] = ()) -> tuple[str, ...]:
         if k not in named:
             named.append(k)
     return tuple(named)
+
+
 _PATH_KEYS = ("data.train", "data.test", "model.init", "output.dir")
 _MISSING = object()
 
