@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dcscale import dist
-from dcscale.config import RESUME_MAY_CHANGE, Config, format_value, resume_differences, save_config
+from dcscale.config import Config, format_value, resume_differences, resume_may_change, save_config
 from dcscale.errors import DcscaleError
 from dcscale.safefile import create_new, open_fd, refuse_links
 from dcscale.train.checkpoint import checkpoint_dir, newest_checkpoint
@@ -197,7 +197,7 @@ def check_same_run(saved: dict, cfg: Config, run_dir: Path) -> list[tuple[str, o
         shown = ", ".join(f"{key} ({format_value(old)} -> {format_value(new)})" for key, old, new in refused[:4])
         more = f" and {len(refused) - 4} more" if len(refused) > 4 else ""
         may = ", ".join(k + "*" if k.endswith(".") else k
-                        for k in RESUME_MAY_CHANGE if k not in ("resume", "output.dir"))
+                        for k in resume_may_change(leave_out=("resume", "output.dir")))
         raise DcscaleError(f"{run_dir} holds a run with another config: {shown}{more} differ; a run directory "
                            f"belongs to one config: give a new output.dir to start a new run (only {may} may "
                            f"change when resuming)")
