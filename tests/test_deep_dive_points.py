@@ -124,3 +124,21 @@ def test_statistics_helpers():
     assert ddp.spearman_ci([1, 2, 3], [3, 2, 1])["rho"] is None  # too few points to say anything
     d, lo, hi = ddp.diff_ci([0.80, 0.81, 0.82], [0.78, 0.79, 0.80])
     assert d == pytest.approx(0.02) and lo <= d <= hi
+
+
+def test_fetch_idx_without_root_or_apt_says_how_to_use_own_files(tmp_path):
+    """`make data-fmnist` on a machine where Debian's package cannot be installed: one line on what to do."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool_name in ("id", "cat"):  # everything the script may call, but no apt-get
+        (bin_dir / tool_name).symlink_to(f"/usr/bin/{tool_name}")
+    done = subprocess.run(["/bin/bash", str(ROOT / "tools" / "fetch_idx.sh"), "fmnist"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60,
+                          env={"PATH": str(bin_dir), "DCSCALE_FMNIST_IDX": str(tmp_path / "none")})
+    assert done.returncode == 2 and done.stdout == ""
+    (line,) = done.stderr.strip().splitlines()
+    assert "cannot install Debian's dataset-fashion-mnist here" in line
+    assert "dcscale shards fashion-mnist DIR --split train --out data/fmnist/train" in line
+    wrong = subprocess.run(["/bin/bash", str(ROOT / "tools" / "fetch_idx.sh"), "cifar"], capture_output=True,
+                           text=True, timeout=60)
+    assert wrong.returncode == 2 and "expected 'fmnist' or 'mnist'" in wrong.stderr

@@ -7,7 +7,7 @@
 set -euo pipefail
 case "${1:-}" in
   fmnist)
-    dir=/usr/share/datasets/fashion-mnist
+    dir=${DCSCALE_FMNIST_IDX:-/usr/share/datasets/fashion-mnist}  # where Debian's package puts them
     if [ ! -f "$dir/train-images-idx3-ubyte.gz" ]; then
       if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
         echo "fetch_idx: cannot install Debian's dataset-fashion-mnist here (it needs root and apt-get); put the four" \
