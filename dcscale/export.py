@@ -25,7 +25,8 @@ import torch
 
 from dcscale.config import Config, config_from_dict, config_to_dict
 from dcscale.errors import DcscaleError
-from dcscale.train.checkpoint import atomic_write, load_checkpoint, serialize
+from dcscale.safefile import atomic_write
+from dcscale.train.checkpoint import load_checkpoint, serialize
 
 BACKBONE_FORMAT = "dcscale-backbone"
 BACKBONE_VERSION = 1

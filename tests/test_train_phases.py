@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from dcscale import dist
-from dcscale.cluster.kmeans import usable_cores
+from dcscale.host import usable_cores
 from dcscale.config import Config
 from dcscale.errors import DcscaleError
 
@@ -284,7 +284,7 @@ def _cluster_config(k: int, **cluster) -> Config:
 ])
 def test_clustering_settings_beyond_the_data_or_memory_fail_before_any_work(digits_train_shards, k, cluster,
                                                                             message):
-    from dcscale.cluster.kmeans import physical_memory_bytes
+    from dcscale.host import physical_memory_bytes
     from dcscale.data.shardset import ShardSet
     from dcscale.train.loop import check_clusterable
 

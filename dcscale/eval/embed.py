@@ -25,7 +25,7 @@ import numpy as np
 from dcscale.errors import DcscaleError
 from dcscale.eval import features as ft
 from dcscale.outputs import output_dir, output_error, writing
-from dcscale.train.checkpoint import atomic_write
+from dcscale.safefile import atomic_write
 
 SUMMARY = "embed.json"
 DEFAULT_CHUNK_ROWS = 100_000

@@ -49,6 +49,7 @@ from dcscale.config import Config, EvalConfig, load_config
 from dcscale.errors import DcscaleError
 from dcscale.eval import features as ft
 from dcscale.outputs import output_dir, output_error, output_file, writing
+from dcscale.safefile import atomic_write
 
 PROTOCOLS = ("fast", "deepdive", "deepcluster")
 SCHEDULES = ("cosine", "step", "constant", "inv_sqrt")
@@ -626,12 +627,7 @@ def layer_features(fn, shardset, transform, env, batch_size: int, workers: int,
         try:
             cache[0].parent.mkdir(parents=True, exist_ok=True)
             for path, array in zip(cache, (feats, labels)):
-                tmp = path.with_name(path.name + ".tmp.npy")
-                try:
-                    np.save(tmp, array)
-                    tmp.replace(path)
-                finally:
-                    tmp.unlink(missing_ok=True)
+                atomic_write(path, lambda f, a=array: np.save(f, a))
         except OSError as err:  # the cache only saves time: the probe goes on with the features in hand
             logging.getLogger("dcscale").warning("%s; these features are not cached", output_error(
                 "--cache-dir", cache[0].parent, err))

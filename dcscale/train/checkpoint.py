@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
-import os
 import pickle
 import re
 import zlib
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dcscale.errors import DcscaleError
-from dcscale.safefile import create_new
+from dcscale.safefile import atomic_write
 
 FORMAT = 2  # 2: weights_only-loadable, with a content checksum
 DIGEST_KEY = "sha256"
@@ -40,23 +39,6 @@ class CheckpointError(DcscaleError):
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
-
-
-def atomic_write(path: Path, write) -> None:
-    """`write(binary_file)` into a temporary file beside `path`, flushed to disk, then renamed over it.
-
-    On failure (a full disk) the temporary file is removed and `path` is left as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with create_new(tmp) as f:  # (a link planted at the temporary name is removed, not followed)
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def content_digest(obj) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from dcscale.errors import DcscaleError
-from dcscale.safefile import open_append, write_new_text
+from dcscale.safefile import atomic_write_text, open_append
 
 PHASES = ("extract", "pca", "kmeans", "assign", "train")
 PROGRESS_ENV = "DCSCALE_PROGRESS_S"  # seconds between progress lines in logs (0: every 10%)
@@ -83,9 +83,7 @@ class MetricsLogger:
             lost = (f"; no row for cycle(s) {', '.join(map(str, missing))} (the checkpoint holds only its last "
                     f"cycle's row): their numbers are lost from metrics.jsonl" if missing else "")
             log.warning("%s: %s%s%s", self.path, what, fixed, lost)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        write_new_text(tmp, "".join(f"{kept[c]}\n" for c in sorted(kept)))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, "".join(f"{kept[c]}\n" for c in sorted(kept)))
 
     def log_cycle(self, metrics: dict, cluster_sizes: np.ndarray | None = None, draw_images=None) -> None:
         """One cycle's row and scalars; `draw_images()` ({tag: uint8 [H, W, 3]}) is drawn and written

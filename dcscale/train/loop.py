@@ -24,7 +24,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from dcscale import dist
-from dcscale.cluster.kmeans import cycle_seed, kmeans_memory_bytes, physical_memory_bytes
+from dcscale.cluster.kmeans import cycle_seed, kmeans_memory_bytes
 from dcscale.cluster.lloyd import distributed_kmeans_memory_bytes
 from dcscale.cluster.metrics import cluster_stats, nmi_scores
 from dcscale.cluster.pca import PCA, fit_pca_across_ranks
@@ -34,7 +34,7 @@ from dcscale.data.sampler import UniformClusterSampler
 from dcscale.data.shardset import ShardSet
 from dcscale.data.transforms import eval_transform, train_transform
 from dcscale.errors import DcscaleError
-from dcscale.memory import release_freed_memory
+from dcscale.host import physical_memory_bytes, release_freed_memory
 from dcscale.models import build_model_from_config
 from dcscale.train import phases
 from dcscale.train.checkpoint import (FORMAT, atomic_write, find_resume_checkpoint, in_run_dir, load_checkpoint,
