@@ -40,7 +40,7 @@ from dcscale.train.checkpoint import (FORMAT, atomic_write, find_resume_checkpoi
                                      load_error, newest_checkpoint, reset_timeline, save_checkpoint, write_failure)
 from dcscale.cycle.compute import Compute, check_platform, grad_scaler, prepare_model
 from dcscale.cycle.images import cluster_record, cycle_images, montage_due, write_record
-from dcscale.train.logging import MetricsLogger, console_line, json_row
+from dcscale.train.metrics_log import MetricsLogger, console_line, json_row
 from dcscale.train.rundir import (check_run_dir_free, check_same_run, claim_run_dir, decided_by_main, note_start,
                                   release_run_dir, undo_failed_start, write_run_config)
 
