@@ -11,6 +11,6 @@ def load_backbone(path, device="cpu"):
         net, transform = dcscale.load_backbone("backbone.pt")
         feats = net(transform(image)[None])
     """
-    from dcscale.export import load_backbone as load  # torch only when used: `import dcscale` stays light
+    from dcscale.cycle.network import load_backbone as load  # torch only when used: `import dcscale` stays light
 
     return load(path, device)

@@ -83,7 +83,7 @@ def core_share(local_processes: int) -> tuple[int, str]:
     """(cores, why): the cores one of `local_processes` processes on this machine may keep busy at
     once. Under SLURM the node is already split between tasks (SLURM_CPUS_PER_TASK); otherwise the
     cores this process may run on are divided among the machine's processes."""
-    from dcscale.cluster.kmeans import usable_cores
+    from dcscale.host import usable_cores
 
     cores = usable_cores()
     task_cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
@@ -113,7 +113,7 @@ def free_cores(interval_s: float = 0.1) -> int:
     rounded (at least 1). What another job, another helper or this run's own busy ranks take is
     thereby left to them; a rank sleeping in a gloo collective is idle (tools/bench_threads.py wait:
     0.2% of a core). Without /proc/stat, every usable core."""
-    from dcscale.cluster.kmeans import usable_cores
+    from dcscale.host import usable_cores
 
     try:
         cpus = os.sched_getaffinity(0)

@@ -68,3 +68,29 @@ def refuse_links(folder: Path, names) -> None:
     for name in names:
         if (folder / name).is_symlink():
             raise link_refused(folder / name)
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """`write(binary_file)` into a temporary file beside `path`, flushed to disk, then renamed over it:
+    a reader (or a crash) sees the old file or the new one whole, never half of one.
+
+    On failure (a full disk) the temporary file is removed and `path` is left as it was. The temporary
+    name holds the pid (`.NAME.PID.tmp`), so two processes never share one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with create_new(tmp) as f:  # (a link planted at the temporary name is removed, not followed)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """`text` (UTF-8) as the whole of `path`, atomically (`atomic_write`)."""
+    data = text.encode()
+    atomic_write(path, lambda f: f.write(data))

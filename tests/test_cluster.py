@@ -12,7 +12,8 @@ from sklearn.metrics import normalized_mutual_info_score
 from dcscale.cluster import (apply_pca, assign, cluster_features, cluster_stats, cycle_seed, fit_pca,
                              initial_alignment, l2_normalize, nmi, sample_row_indices, train_kmeans,
                              training_row_indices)
-from dcscale.cluster.kmeans import faiss_threads, kmeans_memory_bytes, search_block, usable_cores
+from dcscale.cluster.kmeans import faiss_threads, kmeans_memory_bytes, search_block
+from dcscale.host import usable_cores
 from dcscale.cluster.metrics import nmi_scores
 from dcscale.config import ClusterConfig
 

@@ -18,7 +18,7 @@ from dcscale.cluster.metrics import cluster_stats
 from dcscale.data.build import write_shard_set
 from dcscale.data.converters import SourceData, read_digits
 from dcscale.train.degenerate import ADVICE, cycle_ranges, degenerate_clustering, giant_cluster_share
-from dcscale.train.logging import console_line
+from dcscale.train.metrics_log import console_line
 
 TEST_CONFIG = Path(__file__).parent / "train_test.yaml"
 TEXT_TAG = "warnings/degenerate_clustering/text_summary"  # torch's add_text adds /text_summary

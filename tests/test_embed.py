@@ -16,6 +16,7 @@ from test_export import write_test_checkpoint
 from dcscale import dist
 from dcscale.cli import main
 from dcscale.data.shardset import ShardSet
+from dcscale.cycle import network
 from dcscale.eval import features as ft
 from dcscale.eval.embed import read_embeddings
 
@@ -64,13 +65,13 @@ def test_a_conv_layer_is_what_the_probe_extracts(lenet_checkpoint, digits_train_
     assert "x 64 (relu2 of lenet5)" in capsys.readouterr().out  # 16 channels x 10x10 pooled to 2x2
     indices, feats = read_embeddings(out)
 
-    model, cfg, shape = ft.load_checkpoint_model(lenet_checkpoint, torch.device("cpu"))
+    model, cfg, shape = network.load_checkpoint_model(lenet_checkpoint, torch.device("cpu"))
     shardset = ShardSet(digits_train_shards)
     probe_feats, _ = ft.extract_labelled(ft.layer_fn(model, "relu2", 64), shardset,
-                                         ft.eval_transform_for(cfg, *shape[:2]), dist.get_env(), 200, 0)
+                                         network.eval_transform_for(cfg, *shape[:2]), dist.get_env(), 200, 0)
     np.testing.assert_array_equal(feats, probe_feats.astype(np.float16))
 
-    image = ft.eval_transform_for(cfg, *shape[:2]).finish(shardset.read_uint8(5, 1)[0][None])
+    image = network.eval_transform_for(cfg, *shape[:2]).finish(shardset.read_uint8(5, 1)[0][None])
     with torch.no_grad():
         direct = ft.pool_flatten(model.layer_activations(image, ["relu2"])["relu2"], 64)
     np.testing.assert_array_equal(feats[5], direct[0].numpy().astype(np.float16))

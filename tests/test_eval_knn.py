@@ -11,8 +11,8 @@ import torch
 
 from dcscale.config import load_config
 from dcscale.dist import DistEnv
-from dcscale.eval import knn
-from dcscale.eval.knn import knn_accuracy, knn_monitor
+from dcscale.cycle import knn
+from dcscale.cycle.knn import knn_accuracy, knn_monitor
 
 
 def _unit(deg):
@@ -78,7 +78,7 @@ def _digits_cfg(train, test):
 
 def _monitor_value(cfg, seed=0):
     from dcscale.data.shardset import ShardSet
-    from dcscale.eval.features import eval_transform_for, random_init_model
+    from dcscale.cycle.network import eval_transform_for, random_init_model
 
     model = random_init_model(cfg, 1, 32, seed, torch.device("cpu")).train()
     tf = eval_transform_for(cfg, 1, 32)
@@ -98,8 +98,8 @@ import sys
 from dcscale import dist
 from dcscale.config import load_config
 from dcscale.data.shardset import ShardSet
-from dcscale.eval.features import eval_transform_for, random_init_model
-from dcscale.eval.knn import knn_monitor
+from dcscale.cycle.network import eval_transform_for, random_init_model
+from dcscale.cycle.knn import knn_monitor
 import torch
 env = dist.init_distributed("gloo")
 cfg = load_config(None, [f"data.train={sys.argv[1]}", f"data.test={sys.argv[2]}", "data.image_size=32",

@@ -240,7 +240,7 @@ def test_a_cut_metrics_row_is_restored_at_resume(finished_run, digits_train_shar
 
 
 def test_rows_that_cannot_be_restored_are_named(tmp_path, caplog):
-    from dcscale.train.logging import MetricsLogger
+    from dcscale.train.metrics_log import MetricsLogger
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dcscale.train import images
-from dcscale.train.phases import nearest_rows
+from dcscale.cycle import images
+from dcscale.cycle.phases import nearest_rows
 
 
 def _event_images(run_dir) -> dict[str, dict[int, Image.Image]]:

@@ -21,9 +21,9 @@ from dcscale.data.transforms import eval_transform
 from dcscale.dist import DistEnv
 from dcscale.errors import ConfigError
 from dcscale.models import build_model
-from dcscale.train import phases
+from dcscale.cycle import phases
 from dcscale.train.checkpoint import load_checkpoint, write_checkpoint_file
-from dcscale.train.compute import Compute, check_platform, grad_scaler, prepare_model
+from dcscale.cycle.compute import Compute, check_platform, grad_scaler, prepare_model
 from dcscale.train.loop import RunState, checkpoint_state, restore
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

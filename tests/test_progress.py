@@ -11,7 +11,7 @@ import pytest
 
 from dcscale.cluster.kmeans import train_kmeans
 from dcscale.errors import DcscaleError
-from dcscale.train.logging import Progress, progress
+from dcscale.progress import Progress, progress
 
 
 def test_a_run_in_a_log_file_prints_progress_lines(halted_image_run):

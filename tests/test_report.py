@@ -148,7 +148,7 @@ def two_cycle_run(digits_train_shards, tmp_path_factory):
 
 def _cluster_pictures(run_dir, out, cycle, shards):
     from dcscale.data.shardset import ShardSet
-    from dcscale.train.images import render_montage
+    from dcscale.cycle.images import render_montage
 
     written = {p.name: p for p in write_report(run_dir, out)}
     assert {"overview.png", "phase_times.png", "clusters_montage.png", "clusters_contingency.png"} <= set(written)

@@ -41,7 +41,7 @@ def _lenet():
 def _reference_reduce(indices, feats, n_total, pca_dim, pca_sample, seed):
     """The previous reduce step, kept as the reference: the sample's rows gathered to rank 0, fitted
     there, the PCA broadcast, the rank's whole slice projected."""
-    from dcscale.train.phases import _rows_in, pca_sample_indices
+    from dcscale.cycle.phases import _rows_in, pca_sample_indices
 
     chosen = pca_sample_indices(n_total, pca_sample, seed)
     sample = dist.gather_rows_to_main(feats[_rows_in(indices, chosen)].astype(np.float32, copy=False))
@@ -84,7 +84,7 @@ def _wide(images):
 def _same_rows_given_the_same_pca(shard_dir: str, broken_dir: str) -> dict:
     from dcscale.data.shardset import ShardSet
     from dcscale.data.transforms import eval_transform
-    from dcscale.train import phases
+    from dcscale.cycle import phases
 
     env, out, tf = dist.get_env(), {}, eval_transform(32, 1)
     model = _lenet()
@@ -115,7 +115,7 @@ def _cycle_against_the_previous_path(shard_dir: str) -> dict:
     from dcscale.cluster.kmeans import cycle_seed
     from dcscale.data.shardset import ShardSet
     from dcscale.data.transforms import eval_transform
-    from dcscale.train import phases
+    from dcscale.cycle import phases
     from dcscale.train.loop import cluster_cycle
 
     env, tf, cfg = dist.get_env(), eval_transform(32, 1), _cluster_config()
@@ -187,7 +187,7 @@ def _memory(shard_dir: str) -> dict:
     """Peak RSS growth of the streamed extraction (PCA to 16 dims) and of the full-width one."""
     from dcscale.data.shardset import ShardSet
     from dcscale.data.transforms import eval_transform
-    from dcscale.train import phases
+    from dcscale.cycle import phases
 
     env, tf, shards = dist.get_env(), eval_transform(32, 1), ShardSet(shard_dir)
     pca_mod.CHUNK_ROWS = phases.CHUNK_ROWS = 64

@@ -8,7 +8,8 @@ import sys
 import time
 
 from dcscale import dist
-from dcscale.cluster.kmeans import ONE_THREAD_WORK, fitting_threads, usable_cores
+from dcscale.cluster.kmeans import ONE_THREAD_WORK, fitting_threads
+from dcscale.host import usable_cores
 
 
 def test_small_problems_take_one_thread_without_measuring():

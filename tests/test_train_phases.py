@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from dcscale import dist
-from dcscale.cluster.kmeans import usable_cores
+from dcscale.host import usable_cores
 from dcscale.config import Config
 from dcscale.errors import DcscaleError
 
@@ -31,7 +31,7 @@ def _cycle_outputs(shard_dir: str) -> dict:
     """Run extract -> reduce -> cluster -> assign for one random-init LeNet; return the arrays."""
     from dcscale.data.shardset import ShardSet
     from dcscale.data.transforms import eval_transform
-    from dcscale.train import phases
+    from dcscale.cycle import phases
 
     env = dist.get_env()
     shards = ShardSet(shard_dir)
@@ -90,7 +90,7 @@ def _collective_results() -> dict:
     empty = dist.gather_rows_to_main(np.ones((0 if rank else 3, 2), np.float16))
     out["empty_part_ok"] = np.array(empty is None or (empty.shape == (3, 2) and empty.dtype == np.float16))
     # k-means over 2 x 400,000 rows (51 MB a rank), both ways: what each rank's memory grows by.
-    from dcscale.train import phases
+    from dcscale.cycle import phases
 
     z = np.random.default_rng(rank).standard_normal((400_000, 32)).astype(np.float32)
     indices = np.arange(400_000) + 400_000 * rank
@@ -204,7 +204,7 @@ def broken_shards(tmp_path_factory):
 def test_extraction_fills_one_array_and_leaves_out_undecodable_rows(broken_shards):
     from dcscale.data.shardset import ShardSet
     from dcscale.data.transforms import eval_transform
-    from dcscale.train import phases
+    from dcscale.cycle import phases
 
     dist.init_distributed("gloo")
     shards, tf = ShardSet(broken_shards), eval_transform(32, 1)
@@ -235,7 +235,7 @@ def test_extraction_fills_one_array_and_leaves_out_undecodable_rows(broken_shard
 ])
 @pytest.mark.parametrize("small", [True, False])
 def test_kmeans_and_assignment_threads(monkeypatch, mode, kmeans_fn, kmeans_threads, small):
-    from dcscale.train import phases
+    from dcscale.cycle import phases
 
     dist.init_distributed("gloo")
     seen = {}
@@ -284,7 +284,7 @@ def _cluster_config(k: int, **cluster) -> Config:
 ])
 def test_clustering_settings_beyond_the_data_or_memory_fail_before_any_work(digits_train_shards, k, cluster,
                                                                             message):
-    from dcscale.cluster.kmeans import physical_memory_bytes
+    from dcscale.host import physical_memory_bytes
     from dcscale.data.shardset import ShardSet
     from dcscale.train.loop import check_clusterable
 

@@ -70,7 +70,7 @@ def _config(arch: str, precision: str, args):
 
 def _model(cfg, size: int, device: torch.device):
     from dcscale.models import build_model_from_config
-    from dcscale.train.compute import prepare_model
+    from dcscale.cycle.compute import prepare_model
 
     torch.manual_seed(0)
     model = build_model_from_config(cfg, in_channels=3, image_size=size).to(device)
@@ -97,7 +97,7 @@ def forward_ips(model, compute, batch: torch.Tensor, iters: int, warmup: int) ->
 
 
 def extraction_ips(model, compute, shards, transform, env, args) -> float:
-    from dcscale.train import phases
+    from dcscale.cycle import phases
 
     model.eval()
     best = 0.0
@@ -115,8 +115,8 @@ def train_ips(model, cfg, compute, shards, env, args) -> float:
     from dcscale.data.loaders import SeededDraws
     from dcscale.data.sampler import UniformClusterSampler
     from dcscale.data.transforms import train_transform
-    from dcscale.train import phases
-    from dcscale.train.compute import grad_scaler
+    from dcscale.cycle import phases
+    from dcscale.cycle.compute import grad_scaler
     from dcscale.train.loop import WithPositions
 
     labels = np.random.default_rng(0).integers(0, args.k, len(shards)).astype(np.int64)
@@ -164,7 +164,7 @@ def run(args, data_dir: Path) -> dict:
     from dcscale.data.shardset import ShardSet
     from dcscale.data.transforms import eval_transform
     from dcscale.dist import DistEnv
-    from dcscale.train.compute import Compute
+    from dcscale.cycle.compute import Compute
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precisions = args.precisions.split(",") if args.precisions else \

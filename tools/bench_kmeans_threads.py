@@ -17,7 +17,8 @@ import time
 import faiss
 import numpy as np
 
-from dcscale.cluster.kmeans import faiss_threads, train_kmeans, usable_cores
+from dcscale.cluster.kmeans import faiss_threads, train_kmeans
+from dcscale.host import usable_cores
 
 
 def before(x: np.ndarray, k: int, niter: int) -> float:

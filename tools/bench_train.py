@@ -84,7 +84,7 @@ def extraction_ips(shards: Path, batch_size: int, workers: int, repeats: int = 3
     from dcscale.dist import DistEnv
     from dcscale.data.shardset import ShardSet
     from dcscale.data.transforms import eval_transform
-    from dcscale.train import phases
+    from dcscale.cycle import phases
 
     ss = ShardSet(shards)
     model = _bench_model()

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from dcscale.config import config_to_dict, format_value, load_config
+from dcscale.safefile import atomic_write_text
 
 FORMAT = 1  # of the point files; bump when a field's meaning changes
 # Keys that change how fast or where a run goes, never what it computes (or that the point itself varies)
@@ -207,9 +208,7 @@ class Results:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {"point": point.name, "kind": point.kind, "values": _jsonable(point.v),
                 "fingerprint": self.expected, "result": result, "measured": measured}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)  # a point is there whole or not at all
+        atomic_write_text(path, json.dumps(data, indent=1) + "\n")  # a point is there whole or not at all
 
 
 def _jsonable(v):

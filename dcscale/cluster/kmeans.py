@@ -13,7 +13,6 @@ given GPU count but may differ from CPU in the last bits.
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -60,19 +59,6 @@ def kmeans_memory_bytes(n_train: int, k: int, dim: int) -> int:
     per-row buffers (int64 label, float32 distance, float32 squared norm)."""
     rows = max(n_train, k)
     return 4 * rows * dim + 3 * 4 * k * dim + 16 * rows
-
-
-def physical_memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity: what taskset, cgroups or SLURM granted).
-    Not OMP_NUM_THREADS: torchrun sets that to 1 for every process."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # (no affinity call on macOS)
-        return os.cpu_count() or 1
 
 
 # n x d x K (rows x width x centroids: one iteration's distance work) below which faiss's k-means and

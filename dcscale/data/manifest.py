@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dcscale.errors import DataError
+from dcscale.safefile import atomic_write_text
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -53,9 +54,7 @@ def manifest_path(root: str | Path) -> Path:
 def save_manifest(manifest: Manifest, root: str | Path) -> Path:
     """Write manifest.json atomically, with a fixed key order so the bytes are reproducible."""
     path = manifest_path(root)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(_to_json(manifest))
-    os.replace(tmp, path)
+    atomic_write_text(path, _to_json(manifest))
     return path
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from dcscale.errors import DataError
+from dcscale.safefile import atomic_write
 
 # Image extensions a sample may carry, in the order we prefer when a sample has several.
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -343,10 +344,7 @@ def save_index_file(path: str | Path, indexes: list[TarIndex], labels: list[np.n
         part["label"] = lab
         start += len(idx)
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, rows, allow_pickle=False)
-    tmp.replace(path)
+    atomic_write(path, lambda f: np.save(f, rows, allow_pickle=False))
     return path.stat().st_size
 
 

@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from dcscale.errors import DcscaleError
+from dcscale.cycle import network
 from dcscale.eval import features as ft
 from dcscale.outputs import output_dir, output_error, writing
-from dcscale.train.checkpoint import atomic_write
+from dcscale.safefile import atomic_write
 
 SUMMARY = "embed.json"
 DEFAULT_CHUNK_ROWS = 100_000
@@ -137,7 +138,7 @@ def _prepare_out(out: Path, force: bool) -> str | None:
 def run(args) -> int:
     from dcscale import dist
     from dcscale.data.shardset import ShardSet
-    from dcscale.train.phases import extract_features
+    from dcscale.cycle.phases import extract_features
 
     env = dist.init_distributed()
     try:
@@ -147,10 +148,10 @@ def run(args) -> int:
                 raise DcscaleError(f"--{name.replace('_', '-')} {value}: expected an integer >= 1")
         if args.workers is not None and args.workers < 0:
             raise DcscaleError(f"--workers {args.workers}: expected an integer >= 0 (DataLoader workers)")
-        model, cfg, shape = ft.load_checkpoint_model(args.checkpoint, env.device)
+        model, cfg, shape = network.load_checkpoint_model(args.checkpoint, env.device)
         layer = check_layer(args.layer, model)
         shardset = ShardSet(args.shards)
-        ft.check_channels(shardset, shape[0], f"the network of {args.checkpoint}")
+        network.check_channels(shardset, shape[0], f"the network of {args.checkpoint}")
         out = Path(args.out)
         # Rank 0 alone touches the directory, after every input checked out; the broadcast makes every
         # rank stop (or go on) together.
@@ -158,7 +159,7 @@ def run(args) -> int:
         if problem:
             raise DcscaleError(problem)
         pool_dim = args.pool_dim or cfg.eval.probe_pool_dim
-        transform = ft.eval_transform_for(cfg, shape[0], shape[1])
+        transform = network.eval_transform_for(cfg, shape[0], shape[1])
         batch_size = args.batch_size or cfg.data.extract_batch_size
         workers = args.workers if args.workers is not None else cfg.data.workers
 

@@ -9,13 +9,11 @@ A probe layer's activation [B, C, H, W] is average-pooled to s x s with C*s*s cl
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dcscale.config import Config
 from dcscale.errors import DcscaleError
 
 PIXELS = "pixels"  # pseudo-layer: the normalised input image itself (no network)
@@ -70,57 +68,11 @@ def resolve_layers(spec: str, model) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def load_checkpoint_model(path: str | Path, device: torch.device):
-    """(model in eval mode on device, Config, image_shape [C,H,W]) from a dcscale checkpoint or a
-    backbone export (`dcscale export --format backbone`; its head is a placeholder, unused for features)."""
-    from dcscale.export import load_network
-
-    net = load_network(path)
-    return net.model.to(device).eval(), net.cfg, net.image_shape
-
-
-def check_channels(shardset, channels: int, what: str) -> None:
-    """One line when a shard set's images have another channel count than the network takes (RGB
-    images through a grey network would be silently turned grey, or the other way round)."""
-    if shardset.channels is not None and shardset.channels != channels:
-        raise DcscaleError(f"{shardset.root}: {shardset.channels}-channel images, but {what} takes {channels}")
-
-
-def random_init_model(cfg: Config, in_channels: int, image_size: int, seed: int, device: torch.device):
-    """A freshly initialised network of cfg.model, reproducible from `seed` (CPU RNG, then moved)."""
-    from dcscale.models import build_model_from_config
-
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = build_model_from_config(cfg, in_channels=in_channels, image_size=image_size)
-    finally:
-        torch.random.set_rng_state(state)
-    return model.to(device).eval()
-
-
-def input_shape(cfg: Config | None, shardset) -> tuple[int, int]:
-    """(channels, network input side) for a shard set under a config (data.image_size or the images')."""
-    channels = shardset.channels
-    size = cfg.data.image_size if cfg is not None and cfg.data.image_size else shardset.image_size
-    if channels is None or size is None:
-        raise DcscaleError(f"{shardset.root}: images differ in size; set data.image_size in the config")
-    return int(channels), int(size)
-
-
-def eval_transform_for(cfg: Config | None, channels: int, image_size: int):
-    from dcscale.data.transforms import eval_transform
-
-    if cfg is None:
-        return eval_transform(image_size, channels)
-    return eval_transform(image_size, channels, resize=cfg.data.resize, mean=cfg.data.mean, std=cfg.data.std)
-
-
 def extract_labelled(fn, shardset, transform, env, batch_size: int, workers: int):
     """Every rank extracts its slice; rank 0 gets (features float32 [n, D], labels int64 [n]) in
     global-index order, unlabelled and undecodable samples dropped. Other ranks get (None, None)."""
     from dcscale import dist
-    from dcscale.train.phases import extract_features
+    from dcscale.cycle.phases import extract_features
 
     gt = shardset.labels()
     if gt is None:
@@ -141,7 +93,7 @@ def extract_labelled(fn, shardset, transform, env, batch_size: int, workers: int
 def labelled_rows(fn, shardset, transform, env, batch_size: int, workers: int):
     """This rank's slice only: (features float32 [n_r, D], labels int64 [n_r]) in global-index order,
     unlabelled and undecodable samples dropped. Nothing is gathered: a rank holds its own rows."""
-    from dcscale.train.phases import extract_features
+    from dcscale.cycle.phases import extract_features
 
     gt = shardset.labels()
     if gt is None:

@@ -29,9 +29,9 @@ import numpy as np
 
 from dcscale.config import Config, config_to_dict, format_value, load_config, parse_value_list
 from dcscale.errors import ConfigError, DataError
-from dcscale.eval import features as ft
+from dcscale.cycle import network
 from dcscale.outputs import output_dir, writing
-from dcscale.train.loop import check_clusterable, degenerate_settings
+from dcscale.cycle.clustering import check_clusterable, degenerate_settings
 
 VARY_EXAMPLES = "cluster.k=10,50,100,500, cluster.pca_dim=..., model.arch=..., model.sobel=..."
 
@@ -75,7 +75,7 @@ def _feature_key(cfg: Config, seed: int) -> str:
 def cycle0_labels(cfg: Config, feats: np.ndarray, indices: np.ndarray, n_total: int) -> tuple[np.ndarray, float]:
     """PCA + whitening + L2, k-means, assignment, exactly as cycle 0 of training (collective)."""
     from dcscale.cluster.kmeans import cycle_seed
-    from dcscale.train.phases import assign_labels, cluster_rows, reduce_features
+    from dcscale.cycle.phases import assign_labels, cluster_rows, reduce_features
 
     seed = cycle_seed(cfg.seed, 0)
     z, _ = reduce_features(indices, feats, n_total, cfg.cluster.pca_dim, cfg.cluster.pca_sample, seed)
@@ -94,7 +94,7 @@ def sample_ia(base: Config, key: str, values: list, seeds: int, env, shards_of, 
     Returns (samples, best) where best[value] = {"ia", "seed", "state", "config", "image_shape"}.
     """
     from dcscale.cluster.metrics import nmi_scores
-    from dcscale.train.phases import extract_features
+    from dcscale.cycle.phases import extract_features
 
     samples: list[dict] = []
     best: dict[str, dict] = {}
@@ -104,12 +104,12 @@ def sample_ia(base: Config, key: str, values: list, seeds: int, env, shards_of, 
             cfg = _with(base, key, value, seed=base.seed + s)
             shardset = shards_of(cfg)
             gt, n_total = shardset.labels(), len(shardset)
-            channels, size = ft.input_shape(cfg, shardset)
+            channels, size = network.input_shape(cfg, shardset)
             t0 = time.perf_counter()
-            model = ft.random_init_model(cfg, channels, size, cfg.seed, env.device)
+            model = network.random_init_model(cfg, channels, size, cfg.seed, env.device)
             check_clusterable(cfg, model, shardset)
             if _feature_key(cfg, cfg.seed) != cached_key:
-                transform = ft.eval_transform_for(cfg, channels, size)
+                transform = network.eval_transform_for(cfg, channels, size)
                 indices, feats, _ = extract_features(model.features, shardset, transform, env,
                                                      cfg.data.extract_batch_size, cfg.data.workers,
                                                      cfg.cluster.feature_dtype, model.feature_dim)
@@ -200,7 +200,7 @@ def write_tensorboard(key: str, values: list, samples: list[dict], out: Path) ->
 
 def save_best_init(best: dict, path: Path) -> None:
     """A checkpoint-format file: {'model', 'config', 'image_shape', 'ia', 'seed'} (no optimizer)."""
-    from dcscale.train.checkpoint import write_checkpoint_file
+    from dcscale.cycle.checkpoint import write_checkpoint_file
 
     write_checkpoint_file({"model": best["state"], "config": best["config"], "image_shape": best["image_shape"],
                            "ia": best["ia"], "seed": best["seed"], "cycle": 0, "step": 0,

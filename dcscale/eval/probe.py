@@ -47,8 +47,10 @@ from torch import nn
 
 from dcscale.config import Config, EvalConfig, load_config
 from dcscale.errors import DcscaleError
+from dcscale.cycle import network
 from dcscale.eval import features as ft
 from dcscale.outputs import output_dir, output_error, output_file, writing
+from dcscale.safefile import atomic_write
 
 PROTOCOLS = ("fast", "deepdive", "deepcluster")
 SCHEDULES = ("cosine", "step", "constant", "inv_sqrt")
@@ -626,12 +628,7 @@ def layer_features(fn, shardset, transform, env, batch_size: int, workers: int,
         try:
             cache[0].parent.mkdir(parents=True, exist_ok=True)
             for path, array in zip(cache, (feats, labels)):
-                tmp = path.with_name(path.name + ".tmp.npy")
-                try:
-                    np.save(tmp, array)
-                    tmp.replace(path)
-                finally:
-                    tmp.unlink(missing_ok=True)
+                atomic_write(path, lambda f, a=array: np.save(f, a))
         except OSError as err:  # the cache only saves time: the probe goes on with the features in hand
             logging.getLogger("dcscale").warning("%s; these features are not cached", output_error(
                 "--cache-dir", cache[0].parent, err))
@@ -732,21 +729,21 @@ def _network(args, env, train_ss):
         raise DcscaleError("give either --checkpoint or --random-init, not both")
     cfg = load_config(args.config, args.overrides) if args.config else None
     if args.checkpoint:
-        model, ckpt_cfg, shape = ft.load_checkpoint_model(args.checkpoint, env.device)
+        model, ckpt_cfg, shape = network.load_checkpoint_model(args.checkpoint, env.device)
         cfg = cfg or ckpt_cfg
         seed = args.seed if args.seed is not None else ckpt_cfg.seed
         channels, size = shape[0], shape[1]
-        ft.check_channels(train_ss, channels, "the checkpoint's network")
+        network.check_channels(train_ss, channels, "the checkpoint's network")
         return model, cfg, "checkpoint", Path(args.checkpoint), seed, channels, size
     if args.random_init:
         if cfg is None:
             raise DcscaleError("--random-init needs --config FILE (the network to initialise)")
         seed = args.seed if args.seed is not None else cfg.seed
-        channels, size = ft.input_shape(cfg, train_ss)
-        model = ft.random_init_model(cfg, channels, size, seed, env.device)
+        channels, size = network.input_shape(cfg, train_ss)
+        model = network.random_init_model(cfg, channels, size, seed, env.device)
         return model, cfg, "random", None, seed, channels, size
     seed = args.seed if args.seed is not None else (cfg.seed if cfg else 0)
-    channels, size = ft.input_shape(cfg, train_ss)
+    channels, size = network.input_shape(cfg, train_ss)
     return None, cfg, "pixels", None, seed, channels, size
 
 
@@ -769,7 +766,7 @@ class _Plan:
 def _plan(args, model, cfg: Config | None, channels: int, size: int) -> _Plan:
     from dcscale.data.transforms import eval_transform
 
-    eval_tf = ft.eval_transform_for(cfg, channels, size)
+    eval_tf = network.eval_transform_for(cfg, channels, size)
     mean, std = (cfg.data.mean, cfg.data.std) if cfg else (None, None)
     if args.protocol == "fast":
         pool_dim = args.pool_dim if args.pool_dim is not None else (

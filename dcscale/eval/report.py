@@ -21,7 +21,7 @@ import numpy as np
 
 from dcscale.errors import DcscaleError
 from dcscale.outputs import output_dir, writing
-from dcscale.train.logging import metrics_lines
+from dcscale.cycle.records import metrics_lines
 
 log = logging.getLogger("dcscale")
 
@@ -210,7 +210,7 @@ def write_cluster_images(run_dir: Path, rows: list[dict], out: Path) -> list[Pat
 
     from dcscale.config import load_config
     from dcscale.data.shardset import ShardSet
-    from dcscale.train import images
+    from dcscale.cycle import images
 
     clustered = [r for r in rows if r.get("clustered")]
     if not clustered:

@@ -24,26 +24,24 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from dcscale import dist
-from dcscale.cluster.kmeans import cycle_seed, kmeans_memory_bytes, physical_memory_bytes
-from dcscale.cluster.lloyd import distributed_kmeans_memory_bytes
+from dcscale.cluster.kmeans import cycle_seed
 from dcscale.cluster.metrics import cluster_stats, nmi_scores
-from dcscale.cluster.pca import PCA, fit_pca_across_ranks
-from dcscale.config import ClusterConfig, Config, config_to_dict, get_key
+from dcscale.config import Config, config_to_dict, get_key
 from dcscale.data.loaders import SeededDraws
 from dcscale.data.sampler import UniformClusterSampler
 from dcscale.data.shardset import ShardSet
-from dcscale.data.transforms import eval_transform, train_transform
+from dcscale.data.transforms import train_transform
 from dcscale.errors import DcscaleError
-from dcscale.memory import release_freed_memory
 from dcscale.models import build_model_from_config
-from dcscale.train import phases
+from dcscale.cycle import phases
+from dcscale.cycle.clustering import check_clusterable, cluster_cycle, degenerate_settings
+from dcscale.cycle.network import eval_transform_for, input_shape
 from dcscale.train.checkpoint import (FORMAT, atomic_write, find_resume_checkpoint, in_run_dir, load_checkpoint,
                                      load_error, newest_checkpoint, reset_timeline, save_checkpoint, write_failure)
-from dcscale.train.compute import Compute, check_platform, grad_scaler, prepare_model
+from dcscale.cycle.compute import Compute, check_platform, grad_scaler, prepare_model
+from dcscale.cycle.images import cluster_record, cycle_images, montage_due, write_record
 from dcscale.train.degenerate import cycle_ranges, degenerate_clustering
-from dcscale.train.images import (MONTAGE_PER_ROW, cluster_record, cycle_images, montage_clusters, montage_due,
-                                  write_record)
-from dcscale.train.logging import MetricsLogger, console_line, json_row
+from dcscale.train.metrics_log import MetricsLogger, console_line, json_row
 from dcscale.train.rundir import (check_run_dir_free, check_same_run, claim_run_dir, decided_by_main, note_start,
                                   release_run_dir, undo_failed_start, write_run_config)
 
@@ -102,10 +100,10 @@ def open_inputs(cfg: Config, device: torch.device | None, distributed: bool) -> 
     if device is not None:
         check_platform(cfg, device, distributed)  # e.g. fp16 on a CPU: one line, before any work
     shards = ShardSet(cfg.data.train)
-    channels, image_size = input_shape(shards, cfg)
+    channels, image_size = input_shape(cfg, shards)
     check_output_dir(cfg)
     knn_queries = monitor_shards(cfg, shards)  # opened (and checked) now, not at the first k-NN cycle
-    eval_tf = eval_transform(image_size, channels, resize=cfg.data.resize, mean=cfg.data.mean, std=cfg.data.std)
+    eval_tf = eval_transform_for(cfg, channels, image_size)
     train_tf = train_transform(image_size, channels, cfg.train.augment, cfg.train.crop_scale_min,
                                cfg.train.hflip, mean=cfg.data.mean, std=cfg.data.std,
                                per_batch=cfg.train.augment_per_batch)
@@ -239,7 +237,7 @@ def run_training(cfg: Config) -> dict:
         metrics = finish_cycle_metrics(state)
         knn_confusion = None
         if knn_queries is not None and (cycle + 1) % cfg.eval.knn_every == 0:
-            from dcscale.eval.knn import knn_evaluate
+            from dcscale.cycle.knn import knn_evaluate  # (imported when the monitor runs)
 
             knn = knn_evaluate(model, shards, knn_queries, eval_tf, env, cfg)
             metrics["knn_top1"], knn_confusion = knn.top1, knn.confusion
@@ -325,85 +323,6 @@ def save_run_checkpoint(model, body_opt, head_opt, state: RunState, cfg: Config,
     dist.barrier()
 
 
-FAISS_MIN_POINTS_PER_CENTROID = 39  # below this faiss itself warns that k-means has too few points
-
-
-def degenerate_settings(cfg: Config, n_images: int) -> list[str]:
-    """Settings that run but make the clustering meaningless: one warning line each."""
-    c, warnings = cfg.cluster, []
-    # (pca_sample below pca_dim is an error: check_clusterable)
-    if c.max_points_per_centroid is not None and c.max_points_per_centroid < FAISS_MIN_POINTS_PER_CENTROID:
-        warnings.append(f"cluster.max_points_per_centroid = {c.max_points_per_centroid}: k-means trains on at most "
-                        f"{c.max_points_per_centroid} row(s) per centroid"
-                        + (" (each centroid is one image)" if c.max_points_per_centroid == 1 else "")
-                        + f", too few to mean much (faiss advises at least {FAISS_MIN_POINTS_PER_CENTROID}); "
-                        f"use null for no cap")
-    return warnings
-
-
-def check_clusterable(cfg: Config, model, shards: ShardSet) -> None:
-    """Fail before any work on settings that could only fail after a whole extraction pass."""
-    c, n = cfg.cluster, len(shards)
-    if n == 0:
-        raise DcscaleError(f"{shards.root}: the shard set is empty")
-    if c.labels == "ground_truth":
-        classes = shards.manifest.num_classes
-        if not shards.manifest.has_labels or classes is None:
-            raise DcscaleError(f"cluster.labels = 'ground_truth' needs a labelled shard set with a class count; "
-                               f"{shards.root} has none")
-        if c.k != classes:
-            raise DcscaleError(f"cluster.labels = 'ground_truth': cluster.k = {c.k} must be the {classes} classes "
-                               f"of {shards.root} (the head predicts them); set cluster.k={classes}")
-    if c.pca_dim is not None and c.pca_dim > model.feature_dim:
-        raise DcscaleError(f"cluster.pca_dim = {c.pca_dim} is more than the {model.feature_dim} "
-                           f"feature dimensions of {cfg.model.arch}; use at most {model.feature_dim}, or null")
-    if c.pca_dim is not None:
-        n_sample = n if c.pca_sample is None else min(c.pca_sample, n)
-        if n_sample < c.pca_dim:
-            what = f"cluster.pca_sample = {c.pca_sample}" if c.pca_sample is not None and c.pca_sample < n else \
-                f"the {n} images of {shards.root}"
-            raise DcscaleError(f"{what} are too few rows to fit a PCA to cluster.pca_dim = {c.pca_dim} dims: the "
-                               f"sample needs at least {c.pca_dim} rows; raise cluster.pca_sample or lower pca_dim")
-        # said only for a value the user chose: the default (100,000) exceeds every small set
-        if c.pca_sample is not None and c.pca_sample > n and c.pca_sample != ClusterConfig().pca_sample \
-                and dist.is_main():
-            log.info("cluster.pca_sample = %d is more than the %d images of %s: the PCA is fitted on all of them",
-                     c.pca_sample, n, shards.root)
-    dim = model.feature_dim if c.pca_dim is None else c.pca_dim
-    have = physical_memory_bytes()
-    if c.kmeans == "rank0":  # rank 0 holds the training rows
-        n_train = n if c.max_train_rows is None else min(n, c.max_train_rows)
-        if c.max_points_per_centroid is not None:
-            n_train = min(n_train, c.k * c.max_points_per_centroid)
-        need = kmeans_memory_bytes(n_train, c.k, dim)
-        if need > have:
-            raise DcscaleError(f"cluster.k = {c.k} needs about {need / 2**30:,.1f} GiB on rank 0 for k-means "
-                               f"({max(n_train, c.k):,} training rows and {c.k:,} centroids of {dim} dims), more "
-                               f"than this machine's {have / 2**30:,.1f} GiB; lower cluster.k")
-    elif (need := distributed_kmeans_memory_bytes(c.k, dim)) > have:
-        raise DcscaleError(f"cluster.k = {c.k} needs about {need / 2**30:,.1f} GiB on every rank for k-means "
-                           f"({c.k:,} centroids of {dim} dims and their sums), more than this machine's "
-                           f"{have / 2**30:,.1f} GiB; lower cluster.k")
-    if c.k > n:
-        raise DcscaleError(f"cluster.k = {c.k} is more than the {n} images of {shards.root}: at least "
-                           f"{c.k - n} cluster(s) would stay empty; use at most {n}")
-    if c.max_train_rows is not None and c.max_train_rows < c.k:
-        raise DcscaleError(f"cluster.max_train_rows = {c.max_train_rows} is less than cluster.k = {c.k}: "
-                           f"every centroid needs training rows; raise it (or null for every row)")
-
-
-def check_decodable(cfg: Config, shards: ShardSet, n_decoded: int) -> None:
-    """After extraction (n_decoded summed over ranks, so every rank decides alike): enough images to
-    cluster."""
-    n = len(shards)
-    if n_decoded < 2:
-        raise DcscaleError(f"{shards.root}: only {n_decoded} of its {n} images could be decoded; clustering "
-                           f"needs at least 2")
-    if cfg.cluster.k > n_decoded:
-        raise DcscaleError(f"cluster.k = {cfg.cluster.k} is more than the {n_decoded} decodable images of "
-                           f"{shards.root} ({n - n_decoded} could not be decoded); use at most {n_decoded}")
-
-
 def check_output_dir(cfg: Config) -> None:
     """output.dir may be neither a shard set's directory nor a folder inside one (the run's files would mix
     with the dataset's). (An empty output.dir is refused by the config's checks.)"""
@@ -438,84 +357,6 @@ def monitor_shards(cfg: Config, train: ShardSet | None = None) -> ShardSet | Non
                                f"{cfg.data.train} holds {show(train)}: the k-NN monitor needs a test set of the "
                                f"training images' shape")
     return queries
-
-
-def input_shape(shards: ShardSet, cfg: Config) -> tuple[int, int]:
-    channels = shards.channels
-    image_size = cfg.data.image_size or shards.image_size
-    if image_size is None:
-        raise DcscaleError(f"{cfg.data.train}: images differ in size; set data.image_size")
-    return channels, image_size
-
-
-def cluster_cycle(model, shards, eval_tf, env, cfg: Config, cycle: int,
-                  montage: bool = False) -> tuple[np.ndarray, int, dict, tuple | None]:
-    """Extract -> reduce -> cluster -> assign. Returns (labels [N], skipped image count, metrics, and
-    with `montage` (the montage's (cluster, role) rows, on rank 0 their images nearest to the centroids))."""
-    seed = cycle_seed(cfg.seed, cycle)
-    n_total = len(shards)
-    model.eval()
-    compute = Compute.from_config(cfg, env.device)
-    extraction = (model.features, shards, eval_tf, env, cfg.data.extract_batch_size, cfg.data.workers)
-    t0 = time.perf_counter()
-    pca = None
-    if cfg.cluster.pca_dim is not None:  # the PCA first, from the sample's rows alone: then every row is reduced
-        pca = fit_cycle_pca(extraction, cfg, model.feature_dim, compute, seed, cycle)
-        release_freed_memory()  # (the sample's rows)
-    t1 = time.perf_counter()
-    indices, z, skipped, nonfinite = phases.extract_projected(*extraction, pca, cfg.cluster.feature_dtype,
-                                                              model.feature_dim, compute)
-    n_skipped, n_nonfinite = (int(v) for v in dist.all_reduce_sum([len(skipped), nonfinite]))
-    t2 = time.perf_counter()  # after a collective: extraction ends when the slowest rank's does
-    check_decodable(cfg, shards, n_total - n_skipped)
-    if n_nonfinite:
-        raise DcscaleError(f"cycle {cycle}: {n_nonfinite} image(s) gave NaN or infinite features at extraction "
-                           f"(train.precision = {cfg.train.precision} may overflow, or the weights diverged); "
-                           f"stopping before clustering them")
-    centroids, _ = phases.cluster_rows(indices, z, n_total, cfg.cluster.k, cfg.cluster.niter,
-                                       cfg.cluster.max_points_per_centroid, cfg.cluster.max_train_rows, seed,
-                                       cfg.cluster.kmeans)
-    release_freed_memory()
-    t3 = time.perf_counter()
-    local_labels, sq_dist = phases.assign_rows(z, centroids)
-    del z  # the last use of the reduced rows: the label exchange and the montage need only the distances
-    labels, objective = phases.share_labels(indices, local_labels, sq_dist, n_total)
-    rows = None
-    if montage:  # its images, from the distances just computed: each rank's nearest few per shown cluster
-        shown = montage_clusters(cluster_stats(labels, cfg.cluster.k)["sizes"], cfg.seed)
-        rows = shown, phases.nearest_rows(indices, local_labels, sq_dist, [c for c, _ in shown], MONTAGE_PER_ROW)
-    del indices, local_labels, sq_dist
-    release_freed_memory()  # training starts from the labels alone
-    t4 = time.perf_counter()
-    if n_skipped and env.is_main:
-        log.warning("cycle %d: %d undecodable image(s) skipped (label -1, never drawn)", cycle, n_skipped)
-    # Phase times are rank 0's, in the order they ran: t_pca is the sample's pass and the PCA fit,
-    # t_extract the pass over every row with its projection; images/s counts the whole shard set.
-    return labels, n_skipped, {
-        "objective": objective,
-        "t_pca": t1 - t0, "t_extract": t2 - t1, "t_kmeans": t3 - t2, "t_assign": t4 - t3,
-        "ips_extract": n_total / max(t2 - t1, 1e-9),
-    }, rows
-
-
-def fit_cycle_pca(extraction: tuple, cfg: Config, feature_dim: int, compute: Compute, seed: int,
-                  cycle: int) -> PCA:
-    """The cycle's PCA from its sample's rows, fitted across ranks (a collective): a sample that
-    cannot be fitted stops every rank with the same line."""
-    c = cfg.cluster
-    sample, n_rows, n_bad, n_chosen = phases.extract_pca_sample(*extraction, c.feature_dtype, feature_dim, compute,
-                                                                c.pca_sample, seed)
-    shards = extraction[1]
-    if n_chosen == len(shards):  # the sample is every image: the checks of the extraction pass, as early
-        check_decodable(cfg, shards, n_rows)
-    if n_bad:
-        raise DcscaleError(f"cycle {cycle}: {n_bad} of the {n_rows} images of the PCA sample gave NaN or infinite "
-                           f"features (train.precision = {cfg.train.precision} may overflow, or the weights "
-                           f"diverged); stopping before the PCA")
-    if n_rows < max(c.pca_dim, 2):
-        raise DcscaleError(f"cycle {cycle}: only {n_rows} of the {n_chosen} images of the PCA sample could be "
-                           f"decoded; a PCA to cluster.pca_dim = {c.pca_dim} dims needs at least {max(c.pca_dim, 2)}")
-    return fit_pca_across_ranks(sample, c.pca_dim)
 
 
 def label_metrics(state: RunState, gt_labels, k: int, clustered: bool) -> dict:

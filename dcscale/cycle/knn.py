@@ -104,7 +104,7 @@ def knn_monitor(model, train_shardset, test_shardset, transform, env, cfg) -> fl
 @torch.no_grad()
 def knn_evaluate(model, train_shardset, test_shardset, transform, env, cfg) -> KnnResult:
     """knn_monitor's top-1, and on rank 0 the confusion matrix of the votes (labelled queries)."""
-    from dcscale.train.phases import extract_features
+    from dcscale.cycle.phases import extract_features
 
     train_gt, test_gt = train_shardset.labels(), test_shardset.labels()
     if train_gt is None or test_gt is None:

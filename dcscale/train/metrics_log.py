@@ -1,26 +1,21 @@
 """Logging by rank 0: metrics.jsonl, TensorBoard events (scalars, histograms, images), one console
-line per cycle, and the progress of long phases (a bar on a terminal, periodic lines in a log file)."""
+line per cycle. (The progress of long phases: dcscale.progress.)"""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from dcscale.errors import DcscaleError
-from dcscale.safefile import open_append, write_new_text
+from dcscale.cycle.records import metrics_lines
+from dcscale.safefile import atomic_write_text, open_append
 from dcscale.train.degenerate import warning_text
 
 PHASES = ("extract", "pca", "kmeans", "assign", "train")
-PROGRESS_ENV = "DCSCALE_PROGRESS_S"  # seconds between progress lines in logs (0: every 10%)
-DEFAULT_PROGRESS_S = 60.0
-
 log = logging.getLogger("dcscale")
 
 
@@ -84,9 +79,7 @@ class MetricsLogger:
             lost = (f"; no row for cycle(s) {', '.join(map(str, missing))} (the checkpoint holds only its last "
                     f"cycle's row): their numbers are lost from metrics.jsonl" if missing else "")
             log.warning("%s: %s%s%s", self.path, what, fixed, lost)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        write_new_text(tmp, "".join(f"{kept[c]}\n" for c in sorted(kept)))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, "".join(f"{kept[c]}\n" for c in sorted(kept)))
 
     def log_cycle(self, metrics: dict, cluster_sizes: np.ndarray | None = None, draw_images=None) -> None:
         """One cycle's row and scalars; `draw_images()` ({tag: uint8 [H, W, 3]}) is drawn and written
@@ -117,7 +110,7 @@ class MetricsLogger:
         goes through float32, colour and PNG level 6, 2-3x slower for the same picture."""
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        from dcscale.train.images import png_bytes
+        from dcscale.cycle.images import png_bytes
 
         encoded = Summary.Image(height=image.shape[0], width=image.shape[1], colorspace=3 if image.ndim == 3 else 1,
                                 encoded_image_string=png_bytes(image))
@@ -125,25 +118,6 @@ class MetricsLogger:
 
     def close(self) -> None:
         self.tb.close()
-
-
-def metrics_lines(path: Path) -> list[str]:
-    """The lines of a metrics.jsonl. A kill can cut the last line short, but only damage (a disk fault,
-    a crash that left zeros, another program) leaves bytes that are not text: those stop with one line."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise DcscaleError(f"cannot read {path}: {err.strerror}") from None
-    for number, raw in enumerate(data.split(b"\n"), 1):
-        try:
-            raw.decode("utf-8")
-            damaged = b"\x00" in raw
-        except UnicodeDecodeError:
-            damaged = True
-        if damaged:
-            raise DcscaleError(f"{path} line {number}: binary data, not text (damaged); keep the lines before it "
-                               f"(head -n {number - 1} {path} > fixed && mv fixed {path}) and run again")
-    return data.decode("utf-8").splitlines()
 
 
 def _tb_name(key: str) -> str:
@@ -171,107 +145,3 @@ def console_line(m: dict) -> str:
 
 
 
-def progress_interval() -> float:
-    """Seconds between progress lines in logs, from $DCSCALE_PROGRESS_S (default 60)."""
-    raw = os.environ.get(PROGRESS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_PROGRESS_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not (math.isfinite(value) and value >= 0):
-        raise DcscaleError(f"{PROGRESS_ENV}={raw!r}: expected seconds >= 0 between progress lines (0: every 10%)")
-    return value
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class Progress:
-    """The progress of one long phase, shown by rank 0 only (`enabled`).
-
-    On a terminal: a tqdm bar with rate and time left, gone when the phase ends. In a log file (SLURM,
-    a pipe): one line at every tenth of the phase and at least every $DCSCALE_PROGRESS_S seconds, from
-    that many seconds into the phase on (phases shorter than that print nothing), then a last line.
-    `update(n, **values)` counts n more units done; values (e.g. objective=...) are shown with it.
-    """
-
-    def __init__(self, desc: str, total: int | None, unit: str, enabled: bool = True):
-        self.desc, self.total, self.unit = desc, total, unit
-        self.done, self.values = 0, {}
-        self.bar, self.lines = None, 0
-        self.enabled = enabled
-        if not enabled:
-            return
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit=f" {unit}", leave=False, dynamic_ncols=True)
-            return
-        self.every = progress_interval()
-        self.start = self.last = time.perf_counter()
-        self.tenth = 0  # the last tenth of the total a line was printed for
-
-    def update(self, n: int = 1, **values) -> None:
-        if not self.enabled:
-            return
-        self.done += n
-        self.values.update(values)
-        if self.bar is not None:
-            if values:
-                self.bar.set_postfix({k: f"{v:.6g}" for k, v in values.items()}, refresh=False)
-            self.bar.update(n)
-            return
-        now = time.perf_counter()
-        if now - self.start < self.every or (self.total and self.done >= self.total):
-            return  # a short phase prints nothing; the end has its own line
-        tenth = 10 * self.done // self.total if self.total else self.tenth
-        if tenth > self.tenth or (self.every > 0 and now - self.last >= self.every):
-            self.tenth = tenth
-            self._line(now)
-
-    def _line(self, now: float, final: bool = False) -> None:
-        elapsed = now - self.start
-        rate = self.done / elapsed if elapsed > 0 else float("inf")
-        where = f"{self.done}/{self.total} {self.unit}" if self.total else f"{self.done} {self.unit}"
-        if final:
-            text = f"{self.desc}: done, {where} in {_clock(elapsed)}, {rate:,.1f} {self.unit}/s"
-        else:
-            share = f"{100 * self.done // self.total}% " if self.total else ""
-            left = f", ~{_clock((self.total - self.done) / rate)} left" if self.total and rate > 0 else ""
-            text = f"{self.desc}: {share}({where}), {rate:,.1f} {self.unit}/s, {_clock(elapsed)} elapsed{left}"
-        values = "".join(f", {k} {v:.6g}" for k, v in self.values.items())
-        log.info("%s%s", text, values)
-        self.last, self.lines = now, self.lines + 1
-
-    def close(self, finished: bool = True) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.close()
-        elif self.lines and finished:  # a phase that printed progress says when it ended
-            self._line(time.perf_counter(), final=True)
-        self.enabled = False
-
-    def __enter__(self) -> "Progress":
-        return self
-
-    def __exit__(self, error_type, *_) -> None:
-        self.close(finished=error_type is None)
-
-
-def progress(iterable, total: int | None, desc: str, enabled: bool, unit: str = "batches"):
-    """`iterable`, counted as a Progress (one unit per item) when enabled."""
-    if not enabled:
-        return iterable
-    return _counted(iterable, Progress(desc, total, unit))
-
-
-def _counted(iterable, bar: Progress):
-    with bar:
-        for item in iterable:
-            yield item
-            bar.update(1)

@@ -1,6 +1,6 @@
 """The phases of one DeepCluster cycle across ranks: extract -> reduce -> cluster -> assign -> train.
 
-Each phase takes explicit inputs and returns explicit outputs; `dcscale.train.loop` calls them in
+Each phase takes explicit inputs and returns explicit outputs; `dcscale.cycle.clustering` calls them in
 order. Data flow (see docs/design.md): every rank works on its own contiguous slice of the shard set. With
 PCA on, a cycle first extracts only its share of the PCA sample and reduces it to float64 sums (one
 all-reduce; no row crosses the network), the eigensolver runs once on rank 0 and the D x d matrix is
@@ -23,8 +23,8 @@ from dcscale.cluster.lloyd import distributed_kmeans
 from dcscale.cluster.pca import CHUNK_ROWS, PCA, apply_pca, fit_pca_across_ranks
 from dcscale.data.loaders import extraction_loader
 from dcscale.data.partition import rank_range
-from dcscale.train.compute import Compute
-from dcscale.train.logging import Progress, progress
+from dcscale.cycle.compute import Compute
+from dcscale.progress import Progress, progress
 
 
 def _feature_batches(model_fn, loader, compute: Compute, shown):

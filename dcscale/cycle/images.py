@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dcscale.safefile import write_new_text
+from dcscale.safefile import atomic_write_text
 
 TAG_MONTAGE = "clusters/montage"
 TAG_CONTINGENCY = "clusters/contingency"
@@ -115,9 +115,7 @@ def cluster_record(cycle: int, rows: list[tuple[int, str]], nearest: dict[int, l
 def write_record(run_dir: Path, record: dict) -> None:
     """Replace RUN_DIR/clusters.json (a rename: a reader never sees half a file)."""
     path = Path(run_dir) / RECORD_NAME
-    tmp = path.with_name(f".{RECORD_NAME}.tmp")
-    write_new_text(tmp, json.dumps(record))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(record))
 
 
 def read_record(run_dir: Path, n_images: int) -> dict | None:
