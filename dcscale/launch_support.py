@@ -1,8 +1,5 @@
-"""The job that `launch/slurm.py` submits through submitit, and what every launcher checks first.
-
-`check_run_inputs` is the check before any launch: `dcscale train` runs it before it prints the
-config (and alone with `--check`, which `launch/torchrun.sh` runs before torchrun), `launch/slurm.py`
-before it submits, `tools/sweep.py` before its first point.
+"""The job that `launch/slurm.py` submits through submitit; imported only by the launchers (the check
+every launcher runs first is `dcscale.train.check.check_run_inputs`).
 
 It lives in the package (not in the launcher script) so that submitit pickles it by reference:
 the job process imports the installed dcscale, whatever script submitted it.
@@ -25,60 +22,16 @@ import re
 import signal
 import sys
 import zlib
-from pathlib import Path
 
 import submitit
 
 from dcscale.config import Config, config_from_dict, config_to_dict
-from dcscale.data.manifest import Manifest, load_manifest
-from dcscale.errors import DcscaleError
 
 # Mid-epoch checkpoints when the config has none: a preempted job then loses at most this many
 # steps (plus the start-up) instead of a whole epoch.
 DEFAULT_CHECKPOINT_EVERY_STEPS = 500
 
 _PORT_RANGE = (20000, 60000)
-
-
-def check_run_inputs(cfg: Config, source: str, on_this_machine: bool = True, world_size: int = 1,
-                     thorough: bool = True, run_dir_checks: bool = True) -> Manifest:
-    """Fail with one line on inputs a run would only trip over after start-up. Quick checks first: the
-    shard sets (their manifests), the resume and init checkpoints present, k-NN settings the memory
-    bank cannot hold, and, when the run starts on this machine (not a SLURM login node), the
-    process-group backend. `thorough` (what `dcscale train --check` and the launchers run): then
-    everything the start of training opens, by the same code (`dcscale.train.loop.check_start`): the
-    tars against the manifest, the network built for the images (image size, mean/std, K, pca_dim
-    against its feature width), the checkpoints loaded and verified, platform options for `world_size`
-    processes, and the run directory not held by a live run (`run_dir_checks`).
-    Returns the training set's manifest."""
-    if not cfg.data.train:
-        raise DcscaleError(f"data.train is not set in {source} or on the command line: give the training shard "
-                           f"set, e.g. data.train=data/digits/train")
-    train = _manifest("data.train", cfg.data.train)
-    if cfg.data.test:
-        _manifest("data.test", cfg.data.test)
-    if cfg.eval.knn_every and cfg.data.test and cfg.eval.knn_k > train.total:
-        raise DcscaleError(f"eval.knn_k = {cfg.eval.knn_k} is more than the {train.total} images of data.train, "
-                           f"the k-NN monitor's memory bank: use at most {train.total}")
-    for key, path in (("resume", cfg.resume), ("model.init", cfg.model.init)):
-        if path not in (None, "auto") and not Path(path).is_file():
-            raise DcscaleError(f"{key}: checkpoint not found: {path}")
-    if on_this_machine:
-        from dcscale.dist import check_backend  # (imports torch)
-
-        check_backend(cfg.dist.backend)
-    if thorough:
-        from dcscale.train.loop import check_start  # (imports torch)
-
-        check_start(cfg, world_size, on_this_machine=on_this_machine, run_dir_checks=run_dir_checks)
-    return train
-
-
-def _manifest(key: str, root: str) -> Manifest:
-    try:
-        return load_manifest(root)
-    except DcscaleError as err:
-        raise type(err)(f"{key}: {err}") from None
 
 
 def prepare_job_config(cfg: Config) -> tuple[Config, list[str]]:

@@ -171,7 +171,8 @@ def check_slurm_available(args) -> None:
 def load_job_config(args):
     """The validated config the job will run (resume: auto forced), and notes on what was changed."""
     from dcscale.config import load_config
-    from dcscale.launch_support import check_run_inputs, job_resume, prepare_job_config
+    from dcscale.launch_support import job_resume, prepare_job_config
+    from dcscale.train.check import check_run_inputs
 
     cfg = load_config(args.config, args.overrides)
     # A bad shard set, checkpoint or setting fails here, not after hours in the queue, checked as the job

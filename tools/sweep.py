@@ -37,7 +37,7 @@ from pathlib import Path
 from dcscale.config import format_value, load_config, parse_value_list
 from dcscale.errors import ConfigError, DcscaleError
 from dcscale.eval.report import read_metrics
-from dcscale.launch_support import check_run_inputs
+from dcscale.train.check import check_run_inputs
 from dcscale.outputs import output_dir, writing
 
 FINAL_KEYS = ("loss", "accuracy", "nmi_prev", "nmi_gt", "knn_top1", "empty_clusters", "cluster_min",

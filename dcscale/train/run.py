@@ -12,7 +12,7 @@ import traceback
 from dcscale.config import dump_config, load_config
 from dcscale.errors import DcscaleError
 from dcscale.dist import process_env
-from dcscale.launch_support import check_run_inputs
+from dcscale.train.check import check_run_inputs
 
 
 def add_arguments(parser) -> None:
