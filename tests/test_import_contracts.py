@@ -27,3 +27,12 @@ def test_no_contract_lists_an_exception():
     contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
     assert {c["type"] for c in contracts} >= {"layers", "independence"}
     assert not [c["name"] for c in contracts if c.get("ignore_imports")], "fix the import instead"
+
+
+def test_training_does_not_import_the_launchers_submitit():
+    """`dcscale train` (its module and the input checks) never loads submitit: only launch/ does."""
+    code = ("import sys, dcscale.train.run, dcscale.train.check, dcscale.cli; "
+            "print('submitit' in sys.modules, 'dcscale.launch_support' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "False"]
