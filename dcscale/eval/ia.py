@@ -41,14 +41,6 @@ def parse_vary(spec: str) -> tuple[str, list]:
     return parse_value_list(spec, "--vary", VARY_EXAMPLES)
 
 
-def alignment(gt: np.ndarray, pseudo: np.ndarray, average: str = "arithmetic") -> float:
-    """IA: NMI between ground truth and pseudo-labels (arithmetic normalisation unless `average` is
-    'geometric'); entries where either is -1 are ignored."""
-    from dcscale.cluster.metrics import initial_alignment
-
-    return float(initial_alignment(gt, pseudo, average))
-
-
 def summarise(values: list[float]) -> dict:
     a = np.asarray(values, dtype=np.float64)
     q1, med, q3 = np.percentile(a, [25, 50, 75])
