@@ -9,13 +9,19 @@ import pytest
 from conftest import metrics, tiny_run_overrides
 from sklearn.metrics import normalized_mutual_info_score
 
-from dcscale.cluster import (apply_pca, assign, cluster_features, cluster_stats, cycle_seed, fit_pca,
+from dcscale.cluster import (apply_pca, assign, cluster_stats, cycle_seed, fit_pca,
                              initial_alignment, l2_normalize, nmi, sample_row_indices, train_kmeans,
                              training_row_indices)
 from dcscale.cluster.kmeans import faiss_threads, kmeans_memory_bytes, search_block
 from dcscale.host import usable_cores
 from dcscale.cluster.metrics import nmi_scores
 from dcscale.config import ClusterConfig
+from dcscale.cycle.clustering import cluster_rows_to_labels
+
+
+def cluster_array(x, k, seed, **settings):
+    """The cycle's one reduce -> cluster -> assign on an in-memory array, in one process."""
+    return cluster_rows_to_labels(np.arange(len(x)), x, len(x), ClusterConfig(k=k, **settings), seed)
 
 
 def blobs(n, d, centers, seed=0, spread=0.3):
@@ -167,10 +173,12 @@ def test_training_rows_subsample_and_assignment_covers_every_point():
     assert rows.size == 500 and np.all(np.diff(rows) > 0) and rows[-1] < 5000
     assert np.array_equal(rows, training_row_indices(5000, 10, 50, seed=3))
     x, _ = blobs(5000, 8, 10)
-    res = cluster_features(x, 10, niter=10, seed=3, pca_dim=None, max_points_per_centroid=50)
-    assert res.n_train == 500
+    res = cluster_array(x, 10, 3, niter=10, pca_dim=None, max_points_per_centroid=50)
     assert res.labels.shape == (5000,) and res.labels.min() >= 0 and res.labels.max() < 10
-    assert res.stats["sizes"].sum() == 5000
+    assert cluster_stats(res.labels, 10)["sizes"].sum() == 5000
+    # trained on the 500 rows alone: other centroids than those of every row
+    every = cluster_array(x, 10, 3, niter=10, pca_dim=None)
+    assert not np.array_equal(res.centroids, every.centroids)
 
 
 def test_total_training_rows_cap():
@@ -189,7 +197,8 @@ def test_total_training_rows_cap():
     assert training_row_indices(60_000, 5, None, 0, default) is None
     assert training_row_indices(100_000_000, 10_000, None, 0, default).size == default
     x, _ = blobs(5000, 8, 10)
-    assert cluster_features(x, 10, niter=5, seed=3, pca_dim=None, max_train_rows=700).n_train == 700
+    capped = cluster_array(x, 10, 3, niter=5, pca_dim=None, max_train_rows=700)
+    assert capped.labels.min() >= 0 and len(capped.labels) == 5000  # the assignment still covers every row
 
 
 def test_kmeans_memory_estimate():
@@ -211,21 +220,23 @@ def test_many_duplicates_do_not_crash_and_empties_are_counted():
 @pytest.mark.parametrize("k", [49, 50, 51, 120])
 def test_k_near_or_above_n(k):
     x = np.random.default_rng(1).standard_normal((50, 5)).astype(np.float32)
-    res = cluster_features(x, k, niter=5, seed=0, pca_dim=4)
+    res = cluster_array(x, k, 0, niter=5, pca_dim=4)
+    stats = cluster_stats(res.labels, k)
     assert res.labels.shape == (50,)
-    assert res.stats["nonempty"] + res.stats["empty"] == k
-    assert res.stats["nonempty"] <= 50
+    assert stats["nonempty"] + stats["empty"] == k
+    assert stats["nonempty"] <= 50
     if k > 50:
-        assert res.stats["empty"] >= k - 50
+        assert stats["empty"] >= k - 50
 
 
-def test_cluster_features_pipeline_with_pca_sample():
+@pytest.mark.parametrize("mode", ["distributed", "rank0"])
+def test_clustering_an_array_with_pca_sample(mode):
     x, truth = blobs(3000, 40, 8, spread=0.2)
-    res = cluster_features(x, 8, niter=20, seed=1, pca_dim=16, pca_sample=1000)
+    res = cluster_array(x, 8, 1, niter=20, pca_dim=16, pca_sample=1000, kmeans=mode)
     assert res.centroids.shape == (8, 16)
-    assert nmi(truth, res.labels) > 0.9
-    assert 0 <= res.assignment_objective < 2
-    assert np.isfinite(res.objective)
+    assert res.labels.dtype == np.int32 and nmi(truth, res.labels) > 0.9
+    assert 0 <= res.objective < 2
+    assert len(res.local_labels) == len(res.sq_dist) == 3000
 
 
 def test_nmi_matches_sklearn_and_ignores_missing():

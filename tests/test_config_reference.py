@@ -1,5 +1,5 @@
-"""Each config key is declared once (dcscale/config.py's `key(...)`), and docs/configuration.md's key
-reference is generated from those declarations: it fails here when it is stale."""
+"""Each config key is declared once (dcscale/config_schema.py's `key(...)`), and docs/configuration.md's
+key reference is generated from those declarations: it fails here when it is stale."""
 
 from __future__ import annotations
 

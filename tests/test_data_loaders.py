@@ -89,7 +89,7 @@ def test_extraction_loader_covers_rank_slice(digits_test_shards, world, workers)
             torch.testing.assert_close(images[row], transform(ss.read(int(indices[row])).image))
         again, _ = _collect(loader)
         assert torch.equal(indices, again)  # deterministic order
-        assert len(loader) >= -(-len(expected) // 32) and loader.num_batches == len(loader)
+        assert len(loader) >= -(-len(expected) // 32)
         everything.extend(indices.tolist())
     assert sorted(everything) == list(range(len(ss)))
 

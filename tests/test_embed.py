@@ -67,8 +67,8 @@ def test_a_conv_layer_is_what_the_probe_extracts(lenet_checkpoint, digits_train_
 
     model, cfg, shape = network.load_checkpoint_model(lenet_checkpoint, torch.device("cpu"))
     shardset = ShardSet(digits_train_shards)
-    probe_feats, _ = ft.extract_labelled(ft.layer_fn(model, "relu2", 64), shardset,
-                                         network.eval_transform_for(cfg, *shape[:2]), dist.get_env(), 200, 0)
+    probe_feats, _ = ft.labelled_rows(ft.layer_fn(model, "relu2", 64), shardset,
+                                      network.eval_transform_for(cfg, *shape[:2]), dist.get_env(), 200, 0)
     np.testing.assert_array_equal(feats, probe_feats.astype(np.float16))
 
     image = network.eval_transform_for(cfg, *shape[:2]).finish(shardset.read_uint8(5, 1)[0][None])

@@ -16,9 +16,9 @@ from dcscale.data.build import write_shard_set
 from dcscale.data.converters import SourceData
 from dcscale.errors import DcscaleError
 from dcscale.eval.features import pool_flatten, pool_size
-from dcscale.eval.probe import (ProbeSettings, ProbeTrainTransform, TenCropTransform, _lr_at, deepcluster_layers,
-                                deepcluster_pool, deepdive_features, deepdive_layers, protocol_settings,
-                                train_linear_probe)
+from dcscale.eval.probe_classifier import ProbeSettings, _lr_at, train_linear_probe
+from dcscale.eval.probe_protocols import (ProbeTrainTransform, TenCropTransform, deepcluster_layers, deepcluster_pool,
+                                          deepdive_features, deepdive_layers, protocol_settings)
 from dcscale.models import build_model, build_model_from_config
 
 CLASSES = 3

@@ -31,7 +31,9 @@ def _cycle_outputs(shard_dir: str) -> dict:
     """Run extract -> reduce -> cluster -> assign for one random-init LeNet; return the arrays."""
     from dcscale.data.shardset import ShardSet
     from dcscale.data.transforms import eval_transform
+    from dcscale.config import ClusterConfig
     from dcscale.cycle import phases
+    from dcscale.cycle.clustering import cluster_rows_to_labels
 
     env = dist.get_env()
     shards = ShardSet(shard_dir)
@@ -39,16 +41,15 @@ def _cycle_outputs(shard_dir: str) -> dict:
     tf = eval_transform(32, 1)
     indices, feats, skipped = phases.extract_features(model.features, shards, tf, env, batch_size=64,
                                                       workers=1)
-    z, _ = phases.reduce_features(indices, feats, len(shards), pca_dim=16, pca_sample=None, seed=3)
-    centroids, _ = phases.cluster_rows(indices, z, len(shards), k=10, niter=10,
-                                       max_points_per_centroid=None, max_train_rows=None, seed=3)
-    labels, objective = phases.assign_labels(indices, z, centroids, len(shards))
-    capped, _ = phases.cluster_rows(indices, z, len(shards), k=10, niter=10, max_points_per_centroid=None,
-                                    max_train_rows=600, seed=3)
-    capped_labels, _ = phases.assign_labels(indices, z, capped, len(shards))
-    on_rank0, _ = phases.cluster_rows(indices, z, len(shards), k=10, niter=10, max_points_per_centroid=None,
-                                      max_train_rows=None, seed=3, mode="rank0")
-    rank0_labels, rank0_objective = phases.assign_labels(indices, z, on_rank0, len(shards))
+    # the cycle's one reduce -> cluster -> assign, on rows extracted at full width (as IA calls it)
+    settings = dict(k=10, niter=10, pca_dim=16, pca_sample=None, max_points_per_centroid=None)
+    exact = cluster_rows_to_labels(indices, feats, len(shards), ClusterConfig(**settings, max_train_rows=None), 3)
+    labels, objective, centroids = exact.labels, exact.objective, exact.centroids
+    capped_labels = cluster_rows_to_labels(indices, feats, len(shards),
+                                           ClusterConfig(**settings, max_train_rows=600), 3).labels
+    on_rank0 = cluster_rows_to_labels(indices, feats, len(shards),
+                                      ClusterConfig(**settings, max_train_rows=None, kmeans="rank0"), 3)
+    rank0_labels, rank0_objective = on_rank0.labels, on_rank0.objective
     return {"indices": indices, "feats": feats, "labels": labels, "centroids": centroids,
             "objective": np.array(objective), "skipped": np.array(skipped, dtype=np.int64),
             "capped_labels": capped_labels, "rank0_labels": rank0_labels,
@@ -255,7 +256,7 @@ def test_kmeans_and_assignment_threads(monkeypatch, mode, kmeans_fn, kmeans_thre
     z = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
     indices = np.arange(300)
     centroids, _ = phases.cluster_rows(indices, z, 300, 5, 5, None, None, seed=0, mode=mode)
-    phases.assign_labels(indices, z, centroids, 300)
+    phases.share_labels(indices, *phases.assign_rows(z, centroids), 300)
     if small:  # a second thread would not pay: one
         assert seen == {kmeans_fn: 1, "assign": 1}
     else:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Write the key reference of docs/configuration.md from the declarations in dcscale/config.py.
+"""Write the key reference of docs/configuration.md from the declarations in dcscale/config_schema.py.
 
 Every key is declared once there (`key(default, help, check, resume)`); this tool renders the
 declarations as one table per section between `<!-- config_reference -->` and
@@ -68,7 +68,7 @@ def reference() -> str:
     sections = [("Top level", Config, top, "")]
     sections += [(f"`{name}`", tp, list(typing.get_type_hints(tp)), name + ".")
                  for name, tp in hints.items() if dataclasses.is_dataclass(tp)]
-    lines = ["Generated from `dcscale/config.py` by `python tools/config_reference.py --write`; edit the",
+    lines = ["Generated from `dcscale/config_schema.py` by `python tools/config_reference.py --write`; edit the",
              "declarations there, not this table. \"on resume\": whether a resumed run may change the key",
              "(keys that extend or only watch the run) or must keep the run's value.", ""]
     for title, cls, names, prefix in sections:

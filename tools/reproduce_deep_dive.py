@@ -214,7 +214,7 @@ def analyse(args, sizes: Sizes, out: Path, steps: Steps) -> dict:
     # training runs, as tools/sweep.py names them: K x seeds and the seeds of 5. share one sweep
     # directory (same grid keys, so the same runs); halt and PCA vary the reference run (K0, first seed)
     def point(directory: Path, values: dict) -> sweep.Point:
-        return sweep.Point(values, directory / "runs" / sweep.run_name(values))
+        return sweep.Point(values, directory / "runs" / sweep.run_name(values), cfg=None)  # (only its run_dir is read)
 
     def finished(points: list[sweep.Point]) -> bool:
         return all(sweep.is_done(p) for p in points)

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 import faiss
 import numpy as np
 
-from dcscale.cluster.metrics import cluster_stats
-from dcscale.cluster.pca import apply_pca, fit_pca, sample_row_indices
 
 _ASSIGN_CHUNK = 65536  # query rows per search call: bounds the per-call outputs and faiss's query buffers (4 MB)
 
@@ -209,35 +207,3 @@ def assign(x: np.ndarray, centroids: np.ndarray, *, gpu: bool | None = None,
     # Rounding can make a tiny squared distance slightly negative.
     np.maximum(dists, 0.0, out=dists)
     return labels, dists
-
-
-@dataclass
-class ClusteringResult:
-    labels: np.ndarray  # int64 [n]
-    centroids: np.ndarray  # [K, d]
-    objective: float  # faiss's training objective (sum over training rows, last iteration)
-    assignment_objective: float  # mean squared distance of ALL rows to their assigned centroid
-    stats: dict  # cluster_stats(labels, k)
-    n_train: int
-
-
-def cluster_features(features: np.ndarray, k: int, *, niter: int = 20, seed: int = 0,
-                     pca_dim: int | None = 256, pca_sample: int | None = None,
-                     max_points_per_centroid: int | None = None, max_train_rows: int | None = None,
-                     gpu: bool | None = None) -> ClusteringResult:
-    """The whole single-host reduce -> cluster -> assign pipeline on features [N, D]
-    (what a distributed run does with gathers in between). `seed` drives the PCA sample, the
-    training-row sample and faiss."""
-    n = features.shape[0]
-    pca = None
-    if pca_dim is not None:
-        rows = sample_row_indices(n, pca_sample, seed)
-        pca = fit_pca(features if rows is None else features[rows], pca_dim)
-    z = apply_pca(features, pca)
-    rows = training_row_indices(n, k, max_points_per_centroid, seed, max_train_rows)
-    km = train_kmeans(z if rows is None else z[rows], k, niter, seed, gpu=gpu)
-    labels, dists = assign(z, km.centroids, gpu=gpu)
-    return ClusteringResult(labels=labels, centroids=km.centroids, objective=km.objective,
-                            assignment_objective=float(dists.mean(dtype=np.float64)),
-                            stats=cluster_stats(labels, k), n_train=km.n_train)
-

@@ -1,12 +1,14 @@
 """One clustering pass of a cycle across ranks: extract -> reduce (PCA) -> cluster -> assign, with the
 checks that stop a bad setting before any work (`check_clusterable`) and after extraction
-(`check_decodable`). Training runs it every cycle; IA runs the same phases on a checkpoint's network.
+(`check_decodable`). Training runs it every cycle; its reduce -> cluster -> assign is
+`cluster_rows_to_labels`, which IA (and anyone with rows of their own) calls on rows already extracted.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -105,6 +107,38 @@ def check_decodable(cfg: Config, shards: ShardSet, n_decoded: int) -> None:
                            f"{shards.root} ({n - n_decoded} could not be decoded); use at most {n_decoded}")
 
 
+@dataclass
+class Clustering:
+    """What `cluster_rows_to_labels` gives every rank."""
+    labels: np.ndarray  # int32 [N]: every row's cluster, -1 for the indices no rank held (undecodable)
+    objective: float  # mean squared distance of every row to its centroid (comparable across cycles)
+    centroids: np.ndarray  # float32 [K, d]
+    local_labels: np.ndarray  # this rank's rows' clusters, in the order of its `indices`
+    sq_dist: np.ndarray  # this rank's rows' squared distances to their centroids
+    t_kmeans: float  # seconds of k-means (the rest of the call is the assignment)
+
+
+def cluster_rows_to_labels(indices: np.ndarray, rows: np.ndarray, n_total: int, cluster: ClusterConfig, seed: int,
+                           *, reduced: bool = False) -> Clustering:
+    """Reduce -> cluster -> assign over rows already extracted: every rank passes its own rows [n_r, D]
+    and their global indices (sorted, within its `rank_range` of `n_total`; a collective). Without
+    `reduced`, the rows are first reduced as a cycle does (PCA to `cluster.pca_dim` fitted across
+    ranks on the sample `cluster.pca_sample` drawn with `seed`, whitening, L2); with it they are taken
+    as they are (a training cycle projects them while extracting). One process, an in-memory array:
+    `cluster_rows_to_labels(np.arange(len(x)), x, len(x), ClusterConfig(k=100), seed=0).labels`.
+    """
+    if not reduced:
+        rows, _ = phases.reduce_features(indices, rows, n_total, cluster.pca_dim, cluster.pca_sample, seed)
+    t0 = time.perf_counter()
+    centroids, _ = phases.cluster_rows(indices, rows, n_total, cluster.k, cluster.niter,
+                                       cluster.max_points_per_centroid, cluster.max_train_rows, seed, cluster.kmeans)
+    release_freed_memory()
+    t_kmeans = time.perf_counter() - t0
+    local_labels, sq_dist = phases.assign_rows(rows, centroids)
+    labels, objective = phases.share_labels(indices, local_labels, sq_dist, n_total)
+    return Clustering(labels, objective, centroids, local_labels, sq_dist, t_kmeans)
+
+
 def cluster_cycle(model, shards, eval_tf, env, cfg: Config, cycle: int,
                   montage: bool = False) -> tuple[np.ndarray, int, dict, tuple | None]:
     """Extract -> reduce -> cluster -> assign. Returns (labels [N], skipped image count, metrics, and
@@ -129,19 +163,15 @@ def cluster_cycle(model, shards, eval_tf, env, cfg: Config, cycle: int,
         raise DcscaleError(f"cycle {cycle}: {n_nonfinite} image(s) gave NaN or infinite features at extraction "
                            f"(train.precision = {cfg.train.precision} may overflow, or the weights diverged); "
                            f"stopping before clustering them")
-    centroids, _ = phases.cluster_rows(indices, z, n_total, cfg.cluster.k, cfg.cluster.niter,
-                                       cfg.cluster.max_points_per_centroid, cfg.cluster.max_train_rows, seed,
-                                       cfg.cluster.kmeans)
-    release_freed_memory()
-    t3 = time.perf_counter()
-    local_labels, sq_dist = phases.assign_rows(z, centroids)
-    del z  # the last use of the reduced rows: the label exchange and the montage need only the distances
-    labels, objective = phases.share_labels(indices, local_labels, sq_dist, n_total)
+    result = cluster_rows_to_labels(indices, z, n_total, cfg.cluster, seed, reduced=True)
+    labels, objective, t_kmeans = result.labels, result.objective, result.t_kmeans
+    del z  # the last use of the reduced rows: the montage needs only the distances
     rows = None
     if montage:  # its images, from the distances just computed: each rank's nearest few per shown cluster
         shown = montage_clusters(cluster_stats(labels, cfg.cluster.k)["sizes"], cfg.seed)
-        rows = shown, phases.nearest_rows(indices, local_labels, sq_dist, [c for c, _ in shown], MONTAGE_PER_ROW)
-    del indices, local_labels, sq_dist
+        rows = shown, phases.nearest_rows(indices, result.local_labels, result.sq_dist, [c for c, _ in shown],
+                                          MONTAGE_PER_ROW)
+    del indices, result
     release_freed_memory()  # training starts from the labels alone
     t4 = time.perf_counter()
     if n_skipped and env.is_main:
@@ -150,7 +180,7 @@ def cluster_cycle(model, shards, eval_tf, env, cfg: Config, cycle: int,
     # t_extract the pass over every row with its projection; images/s counts the whole shard set.
     return labels, n_skipped, {
         "objective": objective,
-        "t_pca": t1 - t0, "t_extract": t2 - t1, "t_kmeans": t3 - t2, "t_assign": t4 - t3,
+        "t_pca": t1 - t0, "t_extract": t2 - t1, "t_kmeans": t_kmeans, "t_assign": t4 - t2 - t_kmeans,
         "ips_extract": n_total / max(t2 - t1, 1e-9),
     }, rows
 

@@ -61,27 +61,6 @@ def merge_topk(sims: torch.Tensor, nbr_labels: torch.Tensor, k: int) -> tuple[to
     return top, nbr_labels.gather(1, idx)
 
 
-def _drop_unlabelled(feats, labels):
-    labels = _as_tensor(labels, torch.int64)
-    keep = labels >= 0
-    return _as_tensor(feats)[keep], labels[keep]
-
-
-def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k: int = 20, temperature: float = 0.07,
-                 num_classes: int | None = None) -> float:
-    """Top-1 accuracy of weighted k-NN (cosine similarity, exp(sim/T) votes); label -1 rows ignored."""
-    train_feats, train_labels = _drop_unlabelled(train_feats, train_labels)
-    test_feats, test_labels = _drop_unlabelled(test_feats, test_labels)
-    if len(test_labels) == 0:
-        return float("nan")
-    if num_classes is None:
-        top_train = int(train_labels.max()) if len(train_labels) else 0
-        num_classes = max(top_train, int(test_labels.max())) + 1
-    sims, nbr = nearest_neighbours(test_feats, train_feats, train_labels, k)
-    pred = vote(sims, nbr, temperature, num_classes)
-    return float((pred == test_labels).double().mean())
-
-
 def _features_fn(model):
     body = model.module if hasattr(model, "module") else model  # DDP-wrapped or not
     return body.features
@@ -93,17 +72,11 @@ class KnnResult:
     confusion: np.ndarray | None = None  # rank 0: int64 [classes, classes], rows true, columns predicted
 
 
-def knn_monitor(model, train_shardset, test_shardset, transform, env, cfg) -> float:
-    """Weighted k-NN top-1 of the model's features: data.train as memory bank, data.test as queries.
-
-    Collective: every rank must call it. Returns the same value on every rank (NaN without labels).
-    """
-    return knn_evaluate(model, train_shardset, test_shardset, transform, env, cfg).top1
-
-
 @torch.no_grad()
 def knn_evaluate(model, train_shardset, test_shardset, transform, env, cfg) -> KnnResult:
-    """knn_monitor's top-1, and on rank 0 the confusion matrix of the votes (labelled queries)."""
+    """Weighted k-NN top-1 of the model's features, data.train as memory bank and data.test as queries
+    (the same on every rank, NaN without labels), and on rank 0 the confusion matrix of the votes
+    (labelled queries). Collective: every rank must call it."""
     from dcscale.cycle.phases import extract_features
 
     train_gt, test_gt = train_shardset.labels(), test_shardset.labels()

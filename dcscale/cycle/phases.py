@@ -174,8 +174,8 @@ def _rows_in(indices: np.ndarray, chosen: np.ndarray) -> np.ndarray:
 def reduce_features(indices: np.ndarray, feats: np.ndarray, n_total: int, pca_dim: int | None,
                     pca_sample: int | None, seed: int) -> tuple[np.ndarray, PCA | None]:
     """PCA (fitted across ranks on a global random sample of the rows held) + whitening + L2, on every
-    rank, for features already extracted at full width (the IA evaluation; a training cycle streams
-    instead: `fit_pca_on_sample`, `extract_projected`).
+    rank, for features already extracted at full width (`clustering.cluster_rows_to_labels`; a training
+    cycle streams instead: `clustering.fit_cycle_pca`, `extract_projected`).
 
     Returns new float32 rows; `feats` is left as it was, for the caller to drop (or reuse).
     """
@@ -236,13 +236,6 @@ def assign_threads(rows: int, dim: int, k: int) -> int:
     assignment): one for a small problem, else its share of its node's cores (all ranks search at
     once), no more than its share of those idle now (dist.free_core_share)."""
     return fitting_threads(rows, dim, k, lambda: dist.free_core_share(dist.local_processes()))
-
-
-def assign_labels(indices: np.ndarray, z: np.ndarray, centroids: np.ndarray, n_total: int) -> tuple[np.ndarray, float]:
-    """Nearest centroid for this rank's rows, then the full N-long int32 label array on every rank
-    (assign_rows, then share_labels)."""
-    local_labels, sq_dist = assign_rows(z, centroids)
-    return share_labels(indices, local_labels, sq_dist, n_total)
 
 
 def assign_rows(z: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

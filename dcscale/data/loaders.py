@@ -101,10 +101,6 @@ class ExtractionLoader:
     def __len__(self) -> int:
         return num_extraction_batches(len(self.indices), self.batch_size, self.num_workers)
 
-    @property
-    def num_batches(self) -> int:
-        return len(self)
-
     def __iter__(self):
         self.skipped = []
         for batch in self._loader:

@@ -270,9 +270,6 @@ class ShardSet:
         shard_id = bisect.bisect_right(self._starts, index) - 1
         return shard_id, index - self._starts[shard_id]
 
-    def shard_range(self, shard_id: int) -> range:
-        return range(self._starts[shard_id], self._starts[shard_id + 1])
-
     # ---- raw reads -------------------------------------------------------------------------
     def _fd(self, shard_id: int) -> int:
         fd = self._fds.get(shard_id)

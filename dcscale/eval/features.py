@@ -68,28 +68,6 @@ def resolve_layers(spec: str, model) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def extract_labelled(fn, shardset, transform, env, batch_size: int, workers: int):
-    """Every rank extracts its slice; rank 0 gets (features float32 [n, D], labels int64 [n]) in
-    global-index order, unlabelled and undecodable samples dropped. Other ranks get (None, None)."""
-    from dcscale import dist
-    from dcscale.cycle.phases import extract_features
-
-    gt = shardset.labels()
-    if gt is None:
-        raise DcscaleError(f"{shardset.root}: the shard set has no labels")
-    indices, feats, _ = extract_features(fn, shardset, transform, env, batch_size, workers, "float32")
-    all_idx = dist.gather_rows_to_main(indices)
-    dim = feats.shape[1] if len(indices) else 0
-    dim = max(dist.all_gather_rows(np.array([dim], np.int64)))
-    feats = feats.reshape(len(indices), dim) if len(indices) else np.zeros((0, dim), np.float32)
-    all_feats = dist.gather_rows_to_main(np.ascontiguousarray(feats, dtype=np.float32))
-    if all_idx is None:
-        return None, None
-    labels = gt[all_idx].astype(np.int64)
-    keep = labels >= 0
-    return all_feats[keep], labels[keep]
-
-
 def labelled_rows(fn, shardset, transform, env, batch_size: int, workers: int):
     """This rank's slice only: (features float32 [n_r, D], labels int64 [n_r]) in global-index order,
     unlabelled and undecodable samples dropped. Nothing is gathered: a rank holds its own rows."""

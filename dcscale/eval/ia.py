@@ -31,7 +31,7 @@ from dcscale.config import Config, config_to_dict, format_value, load_config, pa
 from dcscale.errors import ConfigError, DataError
 from dcscale.cycle import network
 from dcscale.outputs import output_dir, writing
-from dcscale.cycle.clustering import check_clusterable, degenerate_settings
+from dcscale.cycle.clustering import check_clusterable, cluster_rows_to_labels, degenerate_settings
 
 VARY_EXAMPLES = "cluster.k=10,50,100,500, cluster.pca_dim=..., model.arch=..., model.sobel=..."
 
@@ -39,14 +39,6 @@ VARY_EXAMPLES = "cluster.k=10,50,100,500, cluster.pca_dim=..., model.arch=..., m
 def parse_vary(spec: str) -> tuple[str, list]:
     """'cluster.k=10,50' -> ('cluster.k', [10, 50]); values parsed as YAML (null, true, 0.5)."""
     return parse_value_list(spec, "--vary", VARY_EXAMPLES)
-
-
-def alignment(gt: np.ndarray, pseudo: np.ndarray, average: str = "arithmetic") -> float:
-    """IA: NMI between ground truth and pseudo-labels (arithmetic normalisation unless `average` is
-    'geometric'); entries where either is -1 are ignored."""
-    from dcscale.cluster.metrics import initial_alignment
-
-    return float(initial_alignment(gt, pseudo, average))
 
 
 def summarise(values: list[float]) -> dict:
@@ -72,19 +64,6 @@ def _feature_key(cfg: Config, seed: int) -> str:
     return f"{cfg.model}|{cfg.data}|{seed}"
 
 
-def cycle0_labels(cfg: Config, feats: np.ndarray, indices: np.ndarray, n_total: int) -> tuple[np.ndarray, float]:
-    """PCA + whitening + L2, k-means, assignment, exactly as cycle 0 of training (collective)."""
-    from dcscale.cluster.kmeans import cycle_seed
-    from dcscale.cycle.phases import assign_labels, cluster_rows, reduce_features
-
-    seed = cycle_seed(cfg.seed, 0)
-    z, _ = reduce_features(indices, feats, n_total, cfg.cluster.pca_dim, cfg.cluster.pca_sample, seed)
-    centroids, _ = cluster_rows(indices, z, n_total, cfg.cluster.k, cfg.cluster.niter,
-                                cfg.cluster.max_points_per_centroid, cfg.cluster.max_train_rows, seed,
-                                cfg.cluster.kmeans)
-    return assign_labels(indices, z, centroids, n_total)
-
-
 def sample_ia(base: Config, key: str, values: list, seeds: int, env, shards_of, log=print,
               keep_best: bool = False, labels_dir: Path | None = None) -> tuple[list[dict], dict]:
     """Every (value, seed) sample's IA; with keep_best, the best init's weights per value.
@@ -93,6 +72,7 @@ def sample_ia(base: Config, key: str, values: list, seeds: int, env, shards_of, 
 
     Returns (samples, best) where best[value] = {"ia", "seed", "state", "config", "image_shape"}.
     """
+    from dcscale.cluster.kmeans import cycle_seed
     from dcscale.cluster.metrics import nmi_scores
     from dcscale.cycle.phases import extract_features
 
@@ -116,7 +96,9 @@ def sample_ia(base: Config, key: str, values: list, seeds: int, env, shards_of, 
                 cached_key, cached = _feature_key(cfg, cfg.seed), (indices, feats)
             indices, feats = cached
             t1 = time.perf_counter()
-            labels, objective = cycle0_labels(cfg, feats, indices, n_total)
+            # PCA + whitening + L2, k-means, assignment, exactly as cycle 0 of training (collective)
+            clustering = cluster_rows_to_labels(indices, feats, n_total, cfg.cluster, cycle_seed(cfg.seed, 0))
+            labels, objective = clustering.labels, clustering.objective
             # IA with arithmetic NMI (the Deep Dive's); ia_geometric as the original DeepCluster's NMI
             scores = nmi_scores(gt, labels)
             ia = scores["arithmetic"]
