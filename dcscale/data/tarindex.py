@@ -352,7 +352,7 @@ def file_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes, read in blocks (the sidecar index's checksum in the manifest)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
+        for block in iter(lambda: f.read(1 << 14), b""):  # 16 KB: a shard set opens in bounded memory
             h.update(block)
     return h.hexdigest()
 
