@@ -317,7 +317,12 @@ def measured(wall_s: float, loads: list[float], nproc: int) -> dict:
     import faiss
     import torch
 
-    return {"date": time.strftime("%Y-%m-%d %H:%M"), "wall_s": round(wall_s, 1),
+    try:  # which code measured it (the fingerprint holds the settings, not the code)
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=30).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "wall_s": round(wall_s, 1), "commit": commit,
             "load_average_mean": round(float(np.mean(loads)), 2), "cores": os.cpu_count(), "processes": nproc,
             "threads": os.environ.get("OMP_NUM_THREADS"), "torch": torch.__version__, "faiss": faiss.__version__,
             "python": platform.python_version(), "machine": platform.machine()}
