@@ -22,8 +22,8 @@ from test_behaviour_pinned import PINNED, weights_digest
 from dcscale.config import config_from_dict
 from dcscale.cycle.checkpoint import DIGEST_KEY, content_digest
 from dcscale.models import build_model_from_config
-from dcscale.train.checkpoint import load_checkpoint
-from dcscale.train.loop import checkpoint_state, restore
+from dcscale.train.optim import body_optimizer
+from dcscale.train.checkpoint import Checkpointer, RunState, load_checkpoint
 
 OLD = Path(__file__).parent / "data" / "checkpoint_format2_mid_epoch.pt"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -50,9 +50,12 @@ def test_old_checkpoint_is_written_back_unchanged():
     cfg = config_from_dict(old["config"])
     torch.manual_seed(0)
     model = build_model_from_config(cfg, in_channels=1, image_size=32)
-    body_opt = torch.optim.SGD(model.body_parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
-                               weight_decay=cfg.train.weight_decay)
-    state, head_opt = restore(old, OLD, model, body_opt, cfg, len(old["labels"]), (1, 32))
-    again = checkpoint_state(model, body_opt, head_opt, state, cfg, 1, 32)
+    body_opt = body_optimizer(model, cfg)
+    checkpointer = Checkpointer(OLD.parent, cfg, len(old["labels"]), (1, 32))
+    state = RunState()
+    head_opt = checkpointer.load(old, OLD, model, body_opt, state)
+    assert (state.cycle, state.epoch, state.step, state.clustered_this_cycle) == (1, 0, 10, True)
+    assert head_opt is not None and state.prev_labels is not None and state.last_row["cycle"] == 0
+    again = checkpointer.state_dict(model, body_opt, head_opt, state)
     assert list(again) == [k for k in old if k != DIGEST_KEY]
     assert content_digest(again) == torch.load(OLD, weights_only=True)[DIGEST_KEY]

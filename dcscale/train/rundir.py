@@ -34,24 +34,6 @@ _HISTORY_HEADER = "# Changed when the run was resumed (key: old -> new, from tha
 _HELD: dict[Path, object] = {}  # run directory -> its open, locked lock file (this process)
 
 
-def decided_by_main(decide):
-    """Run `decide()` on rank 0 only; it returns (shared, local). Every rank gets `shared` (small
-    and picklable), rank 0 also `local` (None elsewhere). A DcscaleError on rank 0 is raised on every
-    rank, so no rank is left waiting in a collective for one that stopped."""
-    outcome = None
-    local = None
-    if dist.is_main():
-        try:
-            shared, local = decide()
-            outcome = ("ok", shared)
-        except DcscaleError as err:
-            outcome = ("error", str(err))
-    kind, value = dist.broadcast_object(outcome)
-    if kind == "error":
-        raise DcscaleError(value)
-    return value, local
-
-
 def claim_run_dir(run_dir: Path) -> None:
     """Create `run_dir` if needed and lock it for this process; fail with one line if another run
     holds it or if it (or its checkpoints/) cannot be written."""
