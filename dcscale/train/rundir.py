@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dcscale import dist
 from dcscale.config import Config, format_value, resume_differences, resume_may_change, save_config
 from dcscale.errors import DcscaleError
 from dcscale.safefile import create_new, open_fd, refuse_links
