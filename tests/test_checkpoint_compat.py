@@ -4,7 +4,9 @@
 tests/data/checkpoint_format2_mid_epoch.pt is that code's `checkpoints/cycle00001_epoch000_step00000010.pt`
 of test_behaviour_pinned's 1-process run (digits, seed=3, cluster.pca_dim=16) with checkpoint.every_steps=10
 and checkpoint.keep_last=20: mid-epoch in the second cycle, so it holds a head optimizer, previous labels,
-running totals, the RNG state and the last metrics row."""
+running totals, the RNG state and the last metrics row. A deliberate change of test_behaviour_pinned's
+PINNED[1] (new results) changes where this checkpoint's resume ends too: then regenerate the file the same
+way, with the code of that change, and say so in its commit."""
 
 from __future__ import annotations
 
