@@ -453,6 +453,24 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def decided_by_main(decide):
+    """Run `decide()` on rank 0 only; it returns (shared, local). Every rank gets `shared` (small
+    and picklable), rank 0 also `local` (None elsewhere). A DcscaleError on rank 0 is raised on every
+    rank, so no rank is left waiting in a collective for one that stopped."""
+    outcome = None
+    local = None
+    if is_main():
+        try:
+            shared, local = decide()
+            outcome = ("ok", shared)
+        except DcscaleError as err:
+            outcome = ("error", str(err))
+    kind, value = broadcast_object(outcome)
+    if kind == "error":
+        raise DcscaleError(value)
+    return value, local
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum a few numbers over ranks (loss totals, counts)."""
     return all_reduce_array_(np.array(values, dtype=np.float64)).tolist()

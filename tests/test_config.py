@@ -158,7 +158,7 @@ def test_python_dash_m_is_the_same_command():
 
 def test_head_optimizer_takes_train_head_momentum():
     from dcscale.models import build_model
-    from dcscale.train.loop import new_head_optimizer
+    from dcscale.train.optim import new_head_optimizer
 
     model = build_model("lenet5", in_channels=1, image_size=32, num_classes=5)
     original = new_head_optimizer(model, load_config(None, []))

@@ -111,7 +111,7 @@ def test_ia_cli_end_to_end(ia_config, digits_train_shards, tmp_path, capsys):
     assert f"model.init={out / 'best_init.pt'}" in result["best_init"]["train_command"]
     assert result["best_init"]["train_command"].endswith(f"output.dir={out / 'train'}"), "a run directory of its own"
     from dcscale.cycle.network import load_checkpoint_model
-    from dcscale.train.loop import load_initial_weights
+    from dcscale.train.checkpoint import load_initial_weights
     model, cfg, shape = load_checkpoint_model(out / "best_init.pt", torch.device("cpu"))
     assert cfg.seed == best["seed"] and cfg.cluster.k == int(best_value) and shape == [1, 32, 32]
     load_initial_weights(model, str(out / "best_init.pt"))

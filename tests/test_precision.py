@@ -24,7 +24,7 @@ from dcscale.models import build_model
 from dcscale.cycle import phases
 from dcscale.train.checkpoint import load_checkpoint, write_checkpoint_file
 from dcscale.cycle.compute import Compute, check_platform, grad_scaler, prepare_model
-from dcscale.train.loop import RunState, checkpoint_state, restore
+from dcscale.train.checkpoint import Checkpointer, RunState
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TRAIN_YAML = Path(__file__).parent / "train_test.yaml"
@@ -188,13 +188,17 @@ def test_loss_scaler_state_is_checkpointed_and_restored(tmp_path):
     scaler.load_state_dict({"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
                             "_growth_tracker": 7})  # as after a backoff and 7 good steps
     path = tmp_path / "last.pt"
-    write_checkpoint_file(checkpoint_state(model, body_opt, None, RunState(grad_scaler=scaler), cfg, 1, 32), path)
+    checkpointer = Checkpointer(tmp_path, cfg, 100, (1, 32))
+    write_checkpoint_file(checkpointer.state_dict(model, body_opt, None, RunState(grad_scaler=scaler)), path)
     ckpt = load_checkpoint(path)  # weights_only: the scaler's state is plain values
     fresh = _lenet(seed=1)
-    state, _ = restore(ckpt, path, fresh, torch.optim.SGD(fresh.body_parameters(), lr=0.1), cfg, 100, (1, 32))
+    state = RunState(grad_scaler=grad_scaler("fp16", torch.device("cpu")))
+    checkpointer.load(ckpt, path, fresh, torch.optim.SGD(fresh.body_parameters(), lr=0.1), state)
     assert state.grad_scaler.state_dict() == scaler.state_dict()
     assert state.grad_scaler.get_scale() == 1024.0
-    state, _ = restore(ckpt, path, fresh, torch.optim.SGD(fresh.body_parameters(), lr=0.1), _cfg(), 100, (1, 32))
+    state = RunState(grad_scaler=grad_scaler("fp32", torch.device("cpu")))
+    Checkpointer(tmp_path, _cfg(), 100, (1, 32)).load(ckpt, path, fresh, torch.optim.SGD(fresh.body_parameters(),
+                                                                                          lr=0.1), state)
     assert state.grad_scaler is None  # fp32 needs none
 
 

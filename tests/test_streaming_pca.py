@@ -116,7 +116,7 @@ def _cycle_against_the_previous_path(shard_dir: str) -> dict:
     from dcscale.data.shardset import ShardSet
     from dcscale.data.transforms import eval_transform
     from dcscale.cycle import phases
-    from dcscale.train.loop import cluster_cycle
+    from dcscale.cycle.clustering import cluster_cycle
 
     env, tf, cfg = dist.get_env(), eval_transform(32, 1), _cluster_config()
     shards, model = ShardSet(shard_dir), _lenet()
@@ -151,7 +151,7 @@ def _bad_samples(broken_dir: str, shard_dir: str) -> dict:
     """The one line every rank stops with, for each bad sample (or 'ok')."""
     from dcscale.data.shardset import ShardSet
     from dcscale.data.transforms import eval_transform
-    from dcscale.train.loop import cluster_cycle
+    from dcscale.cycle.clustering import cluster_cycle
 
     env, tf, out = dist.get_env(), eval_transform(32, 1), {}
     model = _lenet()
@@ -304,7 +304,7 @@ def test_a_rank_never_holds_its_slice_at_full_width(ranks):
 
 def test_pca_sample_beyond_the_data_or_below_pca_dim(digits_train_shards, caplog):
     from dcscale.data.shardset import ShardSet
-    from dcscale.train.loop import check_clusterable
+    from dcscale.cycle.clustering import check_clusterable
 
     dist.init_distributed("gloo")
     shards, model = ShardSet(digits_train_shards), _lenet()

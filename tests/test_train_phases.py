@@ -287,7 +287,7 @@ def test_clustering_settings_beyond_the_data_or_memory_fail_before_any_work(digi
                                                                             message):
     from dcscale.host import physical_memory_bytes
     from dcscale.data.shardset import ShardSet
-    from dcscale.train.loop import check_clusterable
+    from dcscale.cycle.clustering import check_clusterable
 
     shards = ShardSet(digits_train_shards)
     with pytest.raises(DcscaleError) as err:
@@ -317,7 +317,7 @@ def test_too_few_decodable_images_fail_after_extraction(tmp_path, broken, k, mes
 
     from dcscale.data.shardset import ShardSet
     from dcscale.data.transforms import eval_transform
-    from dcscale.train.loop import cluster_cycle
+    from dcscale.cycle.clustering import cluster_cycle
 
     env = dist.init_distributed("gloo")
     shards = ShardSet(_digits_with_broken_images(tmp_path / "set", broken))

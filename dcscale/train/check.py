@@ -18,7 +18,7 @@ def check_run_inputs(cfg: Config, source: str, on_this_machine: bool = True, wor
     shard sets (their manifests), the resume and init checkpoints present, k-NN settings the memory
     bank cannot hold, and, when the run starts on this machine (not a SLURM login node), the
     process-group backend. `thorough` (what `dcscale train --check` and the launchers run): then
-    everything the start of training opens, by the same code (`dcscale.train.loop.check_start`): the
+    everything the start of training opens, by the same code (`dcscale.train.start.check_start`): the
     tars against the manifest, the network built for the images (image size, mean/std, K, pca_dim
     against its feature width), the checkpoints loaded and verified, platform options for `world_size`
     processes, and the run directory not held by a live run (`run_dir_checks`).
@@ -40,7 +40,7 @@ def check_run_inputs(cfg: Config, source: str, on_this_machine: bool = True, wor
 
         check_backend(cfg.dist.backend)
     if thorough:
-        from dcscale.train.loop import check_start  # (imports torch)
+        from dcscale.train.start import check_start  # (imports torch)
 
         check_start(cfg, world_size, on_this_machine=on_this_machine, run_dir_checks=run_dir_checks)
     return train

@@ -1,19 +1,24 @@
-"""Logging by rank 0: metrics.jsonl, TensorBoard events (scalars, histograms, images), one console
-line per cycle. (The progress of long phases: dcscale.progress.)"""
+"""A cycle's metrics (its label statistics, its totals over every rank) and their logging by rank 0:
+metrics.jsonl, TensorBoard events (scalars, histograms, images), one console line per cycle, the
+run's summary. (The progress of long phases: dcscale.progress.)"""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import resource
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from dcscale.cluster.metrics import cluster_stats, nmi_scores
 from dcscale.cycle.records import metrics_lines
 from dcscale.safefile import atomic_write_text, open_append
-from dcscale.train.degenerate import warning_text
+from dcscale.train.checkpoint import summed_totals
+from dcscale.train.degenerate import cycle_ranges, warning_text
 
 PHASES = ("extract", "pca", "kmeans", "assign", "train")
 log = logging.getLogger("dcscale")
@@ -145,3 +150,57 @@ def console_line(m: dict) -> str:
 
 
 
+
+
+def label_metrics(state, gt_labels, k: int, clustered: bool) -> dict:
+    """The cycle's labels against the previous cycle's and the ground truth, and their cluster sizes."""
+    stats = cluster_stats(state.labels, k)
+    # NMI with arithmetic normalisation (scikit-learn's default, the Deep Dive's) and, under
+    # *_geometric, with the geometric one the original DeepCluster reported (sklearn <= 0.20).
+    none = {"arithmetic": None, "geometric": None}
+    prev = nmi_scores(state.prev_labels, state.labels) if clustered and state.prev_labels is not None else none
+    gt = nmi_scores(gt_labels, state.labels) if gt_labels is not None else none
+    return {
+        "nmi_prev": prev["arithmetic"], "nmi_prev_geometric": prev["geometric"],
+        "nmi_gt": gt["arithmetic"], "nmi_gt_geometric": gt["geometric"],
+        "empty_clusters": stats["empty"],
+        "cluster_min": stats["min"], "cluster_median": stats["median"], "cluster_max": stats["max"],
+        "skipped_images": state.skipped_images,
+    }
+
+
+def finish_cycle_metrics(state) -> dict:
+    """The cycle's metrics with its loss, accuracy and speed over every rank (a collective)."""
+    totals = summed_totals(state.totals)
+    m = dict(state.cycle_metrics)
+    m["loss"] = totals["loss_sum"] / max(totals["seen"], 1)
+    m["accuracy"] = totals["correct"] / max(totals["seen"], 1)
+    m["ips_train"] = totals["seen"] / max(m["t_train"], 1e-9)
+    m["t_cycle"] = sum(m.get(f"t_{p}", 0.0) for p in PHASES)
+    m["peak_mem_mb"] = peak_memory_mb()
+    m.setdefault("ips_extract", None)
+    return m
+
+
+def peak_memory_mb() -> float:
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    if torch.cuda.is_available():
+        return max(rss_mb, torch.cuda.max_memory_allocated() / 2**20)
+    return rss_mb
+
+
+def print_summary(history: list[dict], run_dir: Path) -> None:
+    if not history:
+        print(f"dcscale train: nothing to do (all cycles done); run dir {run_dir}")
+        return
+    curve = " ".join("-" if m.get("nmi_prev") is None else f"{m['nmi_prev']:.2f}" for m in history)
+    gt = " ".join("-" if m.get("nmi_gt") is None else f"{m['nmi_gt']:.2f}" for m in history)
+    print(f"NMI(t-1, t) by cycle: {curve}")
+    print(f"NMI(labels, t) by cycle: {gt}")
+    degenerate = [m["cycle"] for m in history if m.get("degenerate")]
+    if degenerate:
+        print(f"degenerate clustering in {len(degenerate)} of {len(history)} cycles (cycles "
+              f"{cycle_ranges(degenerate)}): see their cycle lines")
+    last = history[-1]
+    print(f"dcscale train: done {last['cycle'] + 1} cycles, final loss {last['loss']:.4f}; "
+          f"metrics {run_dir / 'metrics.jsonl'}; TensorBoard: tensorboard --logdir {run_dir / 'tb'}")

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dcscale import dist
 from dcscale.config import Config, format_value, resume_differences, resume_may_change, save_config
 from dcscale.errors import DcscaleError
 from dcscale.safefile import create_new, open_fd, refuse_links
@@ -32,24 +31,6 @@ LOCK_NAME = ".lock"
 RUN_FILES = (LOCK_NAME, "checkpoints", "tb", "metrics.jsonl", "config.yaml", "labels.npy", "clusters.json")
 _HISTORY_HEADER = "# Changed when the run was resumed (key: old -> new, from that cycle on):"
 _HELD: dict[Path, object] = {}  # run directory -> its open, locked lock file (this process)
-
-
-def decided_by_main(decide):
-    """Run `decide()` on rank 0 only; it returns (shared, local). Every rank gets `shared` (small
-    and picklable), rank 0 also `local` (None elsewhere). A DcscaleError on rank 0 is raised on every
-    rank, so no rank is left waiting in a collective for one that stopped."""
-    outcome = None
-    local = None
-    if dist.is_main():
-        try:
-            shared, local = decide()
-            outcome = ("ok", shared)
-        except DcscaleError as err:
-            outcome = ("error", str(err))
-    kind, value = dist.broadcast_object(outcome)
-    if kind == "error":
-        raise DcscaleError(value)
-    return value, local
 
 
 def claim_run_dir(run_dir: Path) -> None:
