@@ -453,7 +453,7 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def decided_by_main(decide):
+def rank0_decides(decide):
     """Run `decide()` on rank 0 only; it returns (shared, local). Every rank gets `shared` (small
     and picklable), rank 0 also `local` (None elsewhere). A DcscaleError on rank 0 is raised on every
     rank, so no rank is left waiting in a collective for one that stopped."""

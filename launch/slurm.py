@@ -171,7 +171,7 @@ def check_slurm_available(args) -> None:
 def load_job_config(args):
     """The validated config the job will run (resume: auto forced), and notes on what was changed."""
     from dcscale.config import load_config
-    from dcscale.launch_support import job_resume, prepare_job_config
+    from dcscale.slurm_job import job_resume, prepare_job_config
     from dcscale.train.check import check_run_inputs
 
     cfg = load_config(args.config, args.overrides)
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from dcscale.config import config_to_dict
-    from dcscale.launch_support import TrainJob
+    from dcscale.slurm_job import TrainJob
 
     return run_job(args, TrainJob(config_to_dict(cfg)), run_dir, shape)
 

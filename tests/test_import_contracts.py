@@ -32,7 +32,7 @@ def test_no_contract_lists_an_exception():
 def test_training_does_not_import_the_launchers_submitit():
     """`dcscale train` (its module and the input checks) never loads submitit: only launch/ does."""
     code = ("import sys, dcscale.train.run, dcscale.train.check, dcscale.cli; "
-            "print('submitit' in sys.modules, 'dcscale.launch_support' in sys.modules)")
+            "print('submitit' in sys.modules, 'dcscale.slurm_job' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "False"]

@@ -23,7 +23,7 @@ from dcscale.errors import ConfigError
 from dcscale.models import build_model
 from dcscale.cycle import phases
 from dcscale.train.checkpoint import load_checkpoint, write_checkpoint_file
-from dcscale.cycle.compute import Compute, check_platform, grad_scaler, prepare_model
+from dcscale.cycle.compute import ForwardSettings, check_platform, grad_scaler, prepare_model
 from dcscale.train.checkpoint import Checkpointer, RunState
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -113,7 +113,7 @@ def test_channels_last_model_and_batches():
     model = prepare_model(_lenet().eval(), _cfg(channels_last=True), distributed=False)
     assert model.body.features.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(4, 1, 32, 32)
-    batch = Compute(channels_last=True).batch(x)
+    batch = ForwardSettings(channels_last=True).batch(x)
     assert batch.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(model.features(batch), _lenet().eval().features(x), rtol=1e-4, atol=1e-5)
@@ -130,7 +130,7 @@ def test_bf16_extraction_runs_under_autocast_and_hands_float32_features(digits_t
     assert set(seen) == {torch.float32}
     seen.clear()
     _, bf16, _ = phases.extract_features(model.features, shards, tf, DistEnv(), batch_size=256, workers=0,
-                                         compute=Compute(precision="bf16"))
+                                         compute=ForwardSettings(precision="bf16"))
     hook.remove()
     assert set(seen) == {torch.bfloat16}  # the convolutions ran in bf16
     assert bf16.dtype == np.float32 and not np.array_equal(bf16, fp32)
@@ -160,7 +160,7 @@ def test_bf16_training_steps_run_under_autocast():
     model = _lenet()
     seen: list = []
     _dtypes_of(model.body.features.conv1, seen)
-    totals = _steps(model, Compute(precision="bf16"))
+    totals = _steps(model, ForwardSettings(precision="bf16"))
     assert set(seen) == {torch.bfloat16} and totals["seen"] == 48 and np.isfinite(totals["loss_sum"])
 
 

@@ -164,7 +164,7 @@ def run(args, data_dir: Path) -> dict:
     from dcscale.data.shardset import ShardSet
     from dcscale.data.transforms import eval_transform
     from dcscale.dist import DistEnv
-    from dcscale.cycle.compute import Compute
+    from dcscale.cycle.compute import ForwardSettings
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precisions = args.precisions.split(",") if args.precisions else \
@@ -184,7 +184,7 @@ def run(args, data_dir: Path) -> dict:
     for arch in args.archs.split(","):
         for precision in precisions:
             cfg = _config(arch, precision, args)
-            compute = Compute.from_config(cfg, device)
+            compute = ForwardSettings.from_config(cfg, device)
             model = _model(cfg, args.image_size, device)
             row = {"arch": arch, "precision": precision,
                    "forward_ips": forward_ips(model, compute, batch, args.steps, args.warmup),

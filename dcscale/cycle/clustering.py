@@ -19,7 +19,7 @@ from dcscale.cluster.metrics import cluster_stats
 from dcscale.cluster.pca import PCA, fit_pca_across_ranks
 from dcscale.config import ClusterConfig, Config
 from dcscale.cycle import phases
-from dcscale.cycle.compute import Compute
+from dcscale.cycle.compute import ForwardSettings
 from dcscale.cycle.images import MONTAGE_PER_ROW, montage_clusters
 from dcscale.data.shardset import ShardSet
 from dcscale.errors import DcscaleError
@@ -146,7 +146,7 @@ def cluster_cycle(model, shards, eval_tf, env, cfg: Config, cycle: int,
     seed = cycle_seed(cfg.seed, cycle)
     n_total = len(shards)
     model.eval()
-    compute = Compute.from_config(cfg, env.device)
+    compute = ForwardSettings.from_config(cfg, env.device)
     extraction = (model.features, shards, eval_tf, env, cfg.data.extract_batch_size, cfg.data.workers)
     t0 = time.perf_counter()
     pca = None
@@ -185,7 +185,7 @@ def cluster_cycle(model, shards, eval_tf, env, cfg: Config, cycle: int,
     }, rows
 
 
-def fit_cycle_pca(extraction: tuple, cfg: Config, feature_dim: int, compute: Compute, seed: int,
+def fit_cycle_pca(extraction: tuple, cfg: Config, feature_dim: int, compute: ForwardSettings, seed: int,
                   cycle: int) -> PCA:
     """The cycle's PCA from its sample's rows, fitted across ranks (a collective): a sample that
     cannot be fitted stops every rank with the same line."""

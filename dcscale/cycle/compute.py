@@ -2,7 +2,7 @@
 
 From the config's train.precision, train.channels_last, train.compile and model.sync_bn.
 `check_platform` turns what this device cannot do into one line before any work; `prepare_model`
-converts the network once; `Compute` is what the forward passes need (autocast, batch layout) and
+converts the network once; `ForwardSettings` is what the forward passes need (autocast, batch layout) and
 `grad_scaler` the loss scaling fp16 needs (its state goes into checkpoints, so resume stays exact).
 
 fp16 on a CPU is refused although torch's CPU autocast accepts it: CPUs without fp16 arithmetic (most
@@ -22,7 +22,7 @@ AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
-class Compute:
+class ForwardSettings:
     """What every forward pass needs to know: the device, the autocast precision, the memory format."""
 
     device: torch.device = torch.device("cpu")
@@ -30,7 +30,7 @@ class Compute:
     channels_last: bool = False
 
     @classmethod
-    def from_config(cls, cfg, device: torch.device) -> Compute:
+    def from_config(cls, cfg, device: torch.device) -> ForwardSettings:
         return cls(torch.device(device), cfg.train.precision, cfg.train.channels_last)
 
     def autocast(self):

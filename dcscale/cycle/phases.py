@@ -23,11 +23,11 @@ from dcscale.cluster.lloyd import distributed_kmeans
 from dcscale.cluster.pca import CHUNK_ROWS, PCA, apply_pca, fit_pca_across_ranks
 from dcscale.data.loaders import extraction_loader
 from dcscale.data.partition import rank_range
-from dcscale.cycle.compute import Compute
+from dcscale.cycle.compute import ForwardSettings
 from dcscale.progress import Progress, progress
 
 
-def _feature_batches(model_fn, loader, compute: Compute, shown):
+def _feature_batches(model_fn, loader, compute: ForwardSettings, shown):
     """(global indices [b] as numpy, features [b, D] on the model's device) per non-empty batch."""
     for batch_indices, images in loader:
         if len(batch_indices) == 0:
@@ -41,14 +41,14 @@ def _feature_batches(model_fn, loader, compute: Compute, shown):
 @torch.no_grad()
 def extract_features(model_fn, shardset, transform, env: dist.DistEnv, batch_size: int, workers: int,
                      dtype: str = "float32", feature_dim: int | None = None,
-                     compute: Compute | None = None, rows=None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+                     compute: ForwardSettings | None = None, rows=None) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Run this rank's contiguous slice (or `rows`: a sorted subset of it) through `model_fn`
     (batch -> [B, D] features), under `compute`'s autocast and memory format (default: fp32).
 
     Returns (global indices int64 [n_r], features [n_r, D] in `dtype`, skipped global indices); the
     features of decoded images only, in index order.
     """
-    compute = compute or Compute(env.device)
+    compute = compute or ForwardSettings(env.device)
     # The transform's float work (resize, crop, normalise) runs on env.device, on whole batches.
     loader = extraction_loader(shardset, transform, rank=env.rank, world_size=env.world_size,
                                batch_size=batch_size, num_workers=workers,
@@ -79,7 +79,7 @@ def extract_features(model_fn, shardset, transform, env: dist.DistEnv, batch_siz
 @torch.no_grad()
 def extract_projected(model_fn, shardset, transform, env: dist.DistEnv, batch_size: int, workers: int,
                       pca: PCA | None, dtype: str = "float32", feature_dim: int | None = None,
-                      compute: Compute | None = None) -> tuple[np.ndarray, np.ndarray, list[int], int]:
+                      compute: ForwardSettings | None = None) -> tuple[np.ndarray, np.ndarray, list[int], int]:
     """`extract_features` with the reduction streamed in: the rows are projected with `pca` (None: kept
     D-wide) and L2-normalised a chunk of CHUNK_ROWS at a time as they come off the network, so the
     rank holds its reduced rows (4 d n_r bytes) and one chunk of raw features, never b D n_r.
@@ -89,7 +89,7 @@ def extract_projected(model_fn, shardset, transform, env: dist.DistEnv, batch_si
     Returns (global indices [n_r], float32 rows [n_r, d], skipped global indices, the number of rows
     with a NaN or infinite feature).
     """
-    compute = compute or Compute(env.device)
+    compute = compute or ForwardSettings(env.device)
     loader = extraction_loader(shardset, transform, rank=env.rank, world_size=env.world_size,
                                batch_size=batch_size, num_workers=workers,
                                pin_memory=torch.device(env.device).type == "cuda", device=env.device)
@@ -137,7 +137,7 @@ def pca_sample_indices(n_total: int, pca_sample: int | None, seed: int) -> np.nd
 
 @torch.no_grad()
 def extract_pca_sample(model_fn, shardset, transform, env: dist.DistEnv, batch_size: int, workers: int,
-                       dtype: str, feature_dim: int, compute: Compute | None, pca_sample: int | None,
+                       dtype: str, feature_dim: int, compute: ForwardSettings | None, pca_sample: int | None,
                        seed: int) -> tuple[np.ndarray, int, int, int]:
     """This rank's share of the cycle's PCA sample, extracted before the pass over every row (their
     images are read and run through the network again in that pass: S/N of an extraction pass more).
@@ -295,7 +295,7 @@ def _nearest_first(clusters: np.ndarray, sq_dist: np.ndarray, indices: np.ndarra
 
 
 def train_steps(ddp_model, loader, optimizers, env: dist.DistEnv, start_step: int, on_step,
-                totals: dict, compute: Compute | None = None, scaler: torch.amp.GradScaler | None = None) -> dict:
+                totals: dict, compute: ForwardSettings | None = None, scaler: torch.amp.GradScaler | None = None) -> dict:
     """SGD over the uniform-cluster batches from `start_step` on, forwards under `compute`'s autocast
     and memory format (default: fp32); with a `scaler` (fp16) the loss is scaled for the backward pass
     and steps whose gradients overflow are skipped (the scaler then lowers its scale).
@@ -304,7 +304,7 @@ def train_steps(ddp_model, loader, optimizers, env: dist.DistEnv, start_step: in
     is NaN or infinite on any rank. Returns this rank's running totals (loss sum, correct, seen),
     continued from `totals`.
     """
-    compute = compute or Compute(env.device)
+    compute = compute or ForwardSettings(env.device)
     criterion = torch.nn.CrossEntropyLoss()
     ddp_model.train()
     totals = dict(totals)

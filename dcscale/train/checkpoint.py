@@ -180,7 +180,7 @@ def find_resume_checkpoint(resume: str | None, run_dir: str | Path) -> tuple[Pat
 
 
 
-def written_by_main(run_dir: Path, write) -> None:
+def rank0_writes(run_dir: Path, write) -> None:
     """Rank 0 runs `write()`; a write that fails (a full disk) stops every rank with rank 0's line."""
     def attempt() -> tuple[None, None]:
         try:
@@ -189,7 +189,7 @@ def written_by_main(run_dir: Path, write) -> None:
             raise write_failure(err, newest_checkpoint(run_dir)) from None
         return None, None
 
-    dist.decided_by_main(attempt)
+    dist.rank0_decides(attempt)
 
 
 def zero_totals() -> dict:
@@ -296,7 +296,7 @@ class Checkpointer:
 
     def save(self, model, body_opt, head_opt, state: RunState) -> None:
         """Rank 0 writes the checkpoint (last.pt and a periodic file); every rank waits for it."""
-        written_by_main(self.run_dir, lambda: save_checkpoint(self.state_dict(model, body_opt, head_opt, state),
+        rank0_writes(self.run_dir, lambda: save_checkpoint(self.state_dict(model, body_opt, head_opt, state),
                                                               self.run_dir, self.cfg.checkpoint.keep_last))
         dist.barrier()
 

@@ -27,12 +27,12 @@ from dcscale.cluster.metrics import cluster_stats
 from dcscale.config import Config
 from dcscale.cycle import phases
 from dcscale.cycle.clustering import cluster_cycle
-from dcscale.cycle.compute import Compute, grad_scaler, prepare_model
+from dcscale.cycle.compute import ForwardSettings, grad_scaler, prepare_model
 from dcscale.cycle.images import cluster_record, cycle_images, montage_due, write_record
 from dcscale.data.loaders import SeededDraws
 from dcscale.data.sampler import UniformClusterSampler
 from dcscale.errors import DcscaleError
-from dcscale.train.checkpoint import (Checkpointer, RunState, atomic_write, newest_checkpoint, written_by_main,
+from dcscale.train.checkpoint import (Checkpointer, RunState, atomic_write, newest_checkpoint, rank0_writes,
                                       zero_totals)
 from dcscale.train.degenerate import degenerate_clustering
 from dcscale.train.metrics_log import console_line, finish_cycle_metrics, json_row, label_metrics, print_summary
@@ -108,7 +108,7 @@ def new_labels(model, inputs: RunInputs, env, cfg: Config, state: RunState, run_
         state.cycle_metrics.update(NO_CLUSTERING)
         model.reset_head(cfg.cluster.k, generator=torch.Generator().manual_seed(cycle_seed(cfg.seed, cycle)))
         model.head.to(env.device)
-        written_by_main(run_dir, lambda: atomic_write(run_dir / "labels.npy", lambda f: np.save(f, state.labels)))
+        rank0_writes(run_dir, lambda: atomic_write(run_dir / "labels.npy", lambda f: np.save(f, state.labels)))
     elif clustering:
         labels, skipped, cluster_metrics, montage = cluster_cycle(model, shards, inputs.eval_tf, env, cfg, cycle,
                                                                   montage_due(cfg, cycle))
@@ -121,7 +121,7 @@ def new_labels(model, inputs: RunInputs, env, cfg: Config, state: RunState, run_
             if montage is not None:
                 write_record(run_dir, cluster_record(cycle, *montage, state.labels, gt_labels, cfg.cluster.k))
 
-        written_by_main(run_dir, save_labels)
+        rank0_writes(run_dir, save_labels)
     else:
         state.cycle_metrics.update(NO_CLUSTERING)
     state.cycle_metrics.update(label_metrics(state, gt_labels, cfg.cluster.k, clustering))
@@ -178,7 +178,7 @@ def train_cycle(model, body_opt, head_opt, shards, train_tf, env, cfg: Config, s
 
         try:
             state.totals = phases.train_steps(ddp, loader, [body_opt, head_opt], env, state.step, on_step,
-                                              state.totals, Compute.from_config(cfg, env.device), state.grad_scaler)
+                                              state.totals, ForwardSettings.from_config(cfg, env.device), state.grad_scaler)
         except phases.NonFiniteLoss as err:
             newest = newest_checkpoint(checkpointer.run_dir)
             left = f"the newest checkpoint, {newest}, was written before it" if newest else \
@@ -215,7 +215,7 @@ def log_cycle(model, inputs: RunInputs, env, cfg: Config, state: RunState, run_d
         return cycle_images(cfg, cycle, metrics, model, shards, run_dir, state.labels, gt_labels, knn_confusion)
 
     drawn = draw_images if cfg.output.images_every is not None else None
-    written_by_main(run_dir, lambda: logger.log_cycle(metrics, sizes, drawn))
+    rank0_writes(run_dir, lambda: logger.log_cycle(metrics, sizes, drawn))
     if env.is_main:
         state.last_row = json_row(metrics)
         print(console_line(metrics), flush=True)

@@ -108,7 +108,7 @@ def start_run(cfg: Config, checkpointer: Checkpointer, model, body_opt, state: R
     Only then, with every input checked, does rank 0 write into the run directory.
     Returns (the checkpoint resumed from or None, the head's optimizer or None, (rank 0) the metrics logger)."""
     run_dir = checkpointer.run_dir
-    resume_path, ckpt = dist.decided_by_main(lambda: claim_and_find(checkpointer))
+    resume_path, ckpt = dist.rank0_decides(lambda: claim_and_find(checkpointer))
     head_opt, changes = None, []
     if resume_path is not None:
         resume_path = Path(resume_path)
@@ -117,7 +117,7 @@ def start_run(cfg: Config, checkpointer: Checkpointer, model, body_opt, state: R
             changes = check_same_run(ckpt.get("config", {}), cfg, run_dir)
         head_opt = checkpointer.load(ckpt, resume_path, model, body_opt, state)
         del ckpt
-    _, logger = dist.decided_by_main(lambda: (None, open_run_dir(cfg, run_dir, resume_path, state, changes)))
+    _, logger = dist.rank0_decides(lambda: (None, open_run_dir(cfg, run_dir, resume_path, state, changes)))
     return resume_path, head_opt, logger
 
 
