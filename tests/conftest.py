@@ -74,3 +74,24 @@ def assert_same_result(reference: Path, run_dir: Path) -> None:
         assert b["nmi_gt"] == pytest.approx(a["nmi_gt"], abs=1e-9)
         assert b["objective"] == pytest.approx(a["objective"], rel=1e-6)
     np.testing.assert_array_equal(np.load(reference / "labels.npy"), np.load(run_dir / "labels.npy"))
+
+
+def one_line(stderr: str) -> str:
+    """The one `dcscale: error` line of a failed command (and no traceback)."""
+    lines = [ln for ln in stderr.strip().splitlines() if ln.startswith("dcscale: error")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def peak_rss_growth(fn):
+    """fn's result and the growth of this process's peak resident memory while it ran (Linux)."""
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+
+    def status(key: str) -> int:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
+        return int(line.split()[1]) * 1024
+
+    before = status("VmRSS")
+    result = fn()
+    return result, status("VmHWM") - before
+

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import metrics, tiny_run_overrides
+from conftest import metrics, one_line, tiny_run_overrides
 
 from dcscale.cli import main
 
@@ -30,12 +30,6 @@ def dcscale(capsys, *argv) -> tuple[int, str]:
     except SystemExit as done:
         code = done.code
     return code, capsys.readouterr().err
-
-
-def one_line(stderr: str) -> str:
-    lines = [ln for ln in stderr.strip().splitlines() if ln.startswith("dcscale: error")]
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_run_overrides
+from conftest import one_line, tiny_run_overrides
 from test_train_run import ENV, _cmd, metrics, run_train
 
 from dcscale.cli import main
@@ -54,12 +54,6 @@ def train_in_process(capsys, overrides: list[str]) -> tuple[int, str]:
     except SystemExit as done:
         code = done.code
     return code, capsys.readouterr().err
-
-
-def one_line(stderr: str) -> str:
-    lines = [ln for ln in stderr.strip().splitlines() if ln.startswith("dcscale: error")]
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

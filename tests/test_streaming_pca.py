@@ -16,10 +16,10 @@ import logging
 import os
 import re
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import peak_rss_growth
 import torch
 import torch.multiprocessing as mp
 
@@ -60,18 +60,6 @@ def _cluster_config(**cluster) -> Config:
         setattr(cfg.cluster, key, value)
     return cfg
 
-
-def _peak_growth(fn):
-    """fn's result and the growth of this process's peak resident memory while it ran (Linux)."""
-    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
-
-    def status(key: str) -> int:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
-        return int(line.split()[1]) * 1024
-
-    before = status("VmRSS")
-    result = fn()
-    return result, status("VmHWM") - before
 
 
 WIDE = 32 * 1024  # features per image of `_wide`: a rank's slice at full width dwarfs everything else
@@ -195,10 +183,10 @@ def _memory(shard_dir: str) -> dict:
     pca = PCA(mean=np.zeros(WIDE, np.float32), matrix=rng.standard_normal((WIDE, 16)).astype(np.float32))
     phases.extract_projected(_wide, shards, tf, env, 16, 0, pca)  # one-time imports and buffers stay out
     dist.barrier()
-    (indices, z, _, _), streamed = _peak_growth(lambda: phases.extract_projected(_wide, shards, tf, env, 16, 0, pca))
+    (indices, z, _, _), streamed = peak_rss_growth(lambda: phases.extract_projected(_wide, shards, tf, env, 16, 0, pca))
     del z
     dist.barrier()
-    (_, feats, _), full_width = _peak_growth(lambda: phases.extract_features(_wide, shards, tf, env, 16, 0))
+    (_, feats, _), full_width = peak_rss_growth(lambda: phases.extract_features(_wide, shards, tf, env, 16, 0))
     pca_mod.CHUNK_ROWS = phases.CHUNK_ROWS = 2048
     return {"streamed_growth": np.array(streamed), "full_width_growth": np.array(full_width),
             "rows": np.array(len(indices)), "feats_bytes": np.array(feats.nbytes)}

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import tempfile
 import tracemalloc
-from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import peak_rss_growth
 
 from dcscale import dist
 from dcscale.host import usable_cores
@@ -56,24 +56,12 @@ def _cycle_outputs(shard_dir: str) -> dict:
             "rank0_objective": np.array(rank0_objective)}
 
 
-def _rss_growth(fn):
-    """fn's result and the growth of this process's peak resident memory while it ran (Linux)."""
-    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
-
-    def status(key: str) -> int:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key + ":"))
-        return int(line.split()[1]) * 1024
-
-    before = status("VmRSS")
-    result = fn()
-    return result, status("VmHWM") - before
-
 
 def _collective_results() -> dict:
     """The row helpers on uneven (and empty) parts: results, and the peak memory each one took."""
     rank = dist.get_env().rank
     rows = np.full((300_000 - 100_000 * rank, 64), rank + 1, np.float32)  # 77 MB and 51 MB
-    gathered, gather_growth = _rss_growth(lambda: dist.gather_rows_to_main(rows))
+    gathered, gather_growth = peak_rss_growth(lambda: dist.gather_rows_to_main(rows))
     del rows
     out = {"gather_growth": np.array(gather_growth)}
     if gathered is not None:
@@ -83,7 +71,7 @@ def _collective_results() -> dict:
     del gathered
     dist._PIECE_BYTES = 4 * 2**20  # pieces well below the result, so their bound shows
     labels = np.full(3_000_000 - rank, rank, np.int32)  # like the label slices: sizes differ by one
-    everyone, all_gather_growth = _rss_growth(lambda: dist.all_gather_rows(labels))
+    everyone, all_gather_growth = peak_rss_growth(lambda: dist.all_gather_rows(labels))
     out["all_gather_growth"] = np.array(all_gather_growth)
     out["all_gather_bytes"] = np.array(everyone.nbytes)
     out["all_gather_ok"] = np.array(len(everyone) == 5_999_999 and (everyone[:3_000_000] == 0).all()
@@ -96,7 +84,7 @@ def _collective_results() -> dict:
     z = np.random.default_rng(rank).standard_normal((400_000, 32)).astype(np.float32)
     indices = np.arange(400_000) + 400_000 * rank
     for mode in ("distributed", "rank0"):
-        _, growth = _rss_growth(lambda: phases.cluster_rows(indices, z, 800_000, 100, 2, None, None, 0, mode))
+        _, growth = peak_rss_growth(lambda: phases.cluster_rows(indices, z, 800_000, 100, 2, None, None, 0, mode))
         out[f"kmeans_growth_{mode}"] = np.array(growth)
     out["kmeans_rows_bytes"] = np.array(z.nbytes)
     return out
