@@ -304,3 +304,46 @@ def test_pca_sample_beyond_the_data_or_below_pca_dim(digits_train_shards, caplog
         check_clusterable(_cluster_config(pca_sample=5000), model, shards)
     assert f"cluster.pca_sample = 5000 is more than the 1437 images of {shards.root}: the PCA is fitted on all" \
         in caplog.text
+
+
+class _Counted:
+    """A model whose feature calls count the images they are given."""
+
+    def __init__(self, model):
+        self.model, self.feature_dim, self.images = model, model.feature_dim, 0
+
+    def eval(self):
+        self.model.eval()
+        return self
+
+    def features(self, x):
+        self.images += len(x)
+        return self.model.features(x)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_sample_of_every_image_is_extracted_once(digits_train_shards, dtype):
+    """pca_sample >= N: the sample's pass is the cycle's only pass (its rows are projected, not
+    extracted again), and the rows are those of the second pass it saves, bit for bit; a smaller
+    sample still costs S images more."""
+    from dcscale.cycle import phases
+    from dcscale.cycle.clustering import cluster_cycle, fit_cycle_pca
+    from dcscale.cycle.compute import ForwardSettings
+    from dcscale.data.shardset import ShardSet
+    from dcscale.data.transforms import eval_transform
+
+    env, tf, shards = dist.get_env(), eval_transform(32, 1), ShardSet(digits_train_shards)
+    n = len(shards)
+    for sample, passes in ((None, n), (n, n), (n - 100, 2 * n - 100)):
+        model = _Counted(_lenet())
+        cfg = _cluster_config(pca_sample=sample, feature_dtype=dtype)
+        labels, _, metrics, _ = cluster_cycle(model, shards, tf, env, cfg, cycle=0)
+        assert model.images == passes, sample
+        assert (labels >= 0).all() and metrics["ips_extract"] < 1e6  # a rate of the pass, not of the projection
+    cfg, model = _cluster_config(pca_sample=None, feature_dtype=dtype), _lenet()
+    extraction = (model.features, shards, tf, env, cfg.data.extract_batch_size, 0)
+    pca, whole = fit_cycle_pca(extraction, cfg, model.feature_dim, ForwardSettings(env.device), seed=5, cycle=0)
+    indices, z, skipped, nonfinite = phases.project_sample(*whole, pca)
+    again = phases.extract_projected(*extraction, pca, dtype, model.feature_dim)
+    assert np.array_equal(indices, again[0]) and z.tobytes() == again[1].tobytes()
+    assert skipped == again[2] and nonfinite == again[3] == 0

@@ -149,13 +149,19 @@ def cluster_cycle(model, shards, eval_tf, env, cfg: Config, cycle: int,
     compute = ForwardSettings.from_config(cfg, env.device)
     extraction = (model.features, shards, eval_tf, env, cfg.data.extract_batch_size, cfg.data.workers)
     t0 = time.perf_counter()
-    pca = None
+    pca = projected = None
     if cfg.cluster.pca_dim is not None:  # the PCA first, from the sample's rows alone: then every row is reduced
-        pca = fit_cycle_pca(extraction, cfg, model.feature_dim, compute, seed, cycle)
+        pca, whole_sample = fit_cycle_pca(extraction, cfg, model.feature_dim, compute, seed, cycle)
+        if whole_sample is not None:  # the sample is every image: project its rows, no second pass
+            projected = phases.project_sample(*whole_sample, pca)
+        del whole_sample
         release_freed_memory()  # (the sample's rows)
+    one_pass = projected is not None
     t1 = time.perf_counter()
-    indices, z, skipped, nonfinite = phases.extract_projected(*extraction, pca, cfg.cluster.feature_dtype,
-                                                              model.feature_dim, compute)
+    if projected is None:
+        projected = phases.extract_projected(*extraction, pca, cfg.cluster.feature_dtype, model.feature_dim, compute)
+    indices, z, skipped, nonfinite = projected
+    del projected
     n_skipped, n_nonfinite = (int(v) for v in dist.all_reduce_sum([len(skipped), nonfinite]))
     t2 = time.perf_counter()  # after a collective: extraction ends when the slowest rank's does
     check_decodable(cfg, shards, n_total - n_skipped)
@@ -177,23 +183,26 @@ def cluster_cycle(model, shards, eval_tf, env, cfg: Config, cycle: int,
     if n_skipped and env.is_main:
         log.warning("cycle %d: %d undecodable image(s) skipped (label -1, never drawn)", cycle, n_skipped)
     # Phase times are rank 0's, in the order they ran: t_pca is the sample's pass and the PCA fit,
-    # t_extract the pass over every row with its projection; images/s counts the whole shard set.
+    # t_extract the pass over every row with its projection (only the projection when the sample was
+    # every image: then images/s counts the one pass, from t0); images/s counts the whole shard set.
     return labels, n_skipped, {
         "objective": objective,
         "t_pca": t1 - t0, "t_extract": t2 - t1, "t_kmeans": t_kmeans, "t_assign": t4 - t2 - t_kmeans,
-        "ips_extract": n_total / max(t2 - t1, 1e-9),
+        "ips_extract": n_total / max(t2 - (t0 if one_pass else t1), 1e-9),
     }, rows
 
 
 def fit_cycle_pca(extraction: tuple, cfg: Config, feature_dim: int, compute: ForwardSettings, seed: int,
-                  cycle: int) -> PCA:
+                  cycle: int) -> tuple[PCA, tuple | None]:
     """The cycle's PCA from its sample's rows, fitted across ranks (a collective): a sample that
-    cannot be fitted stops every rank with the same line."""
+    cannot be fitted stops every rank with the same line. Returns (the PCA, and when the sample is
+    every image, this rank's (indices, rows, skipped) of it, else None)."""
     c = cfg.cluster
-    sample, n_rows, n_bad, n_chosen = phases.extract_pca_sample(*extraction, c.feature_dtype, feature_dim, compute,
-                                                                c.pca_sample, seed)
+    indices, sample, skipped, n_rows, n_bad, n_chosen = phases.extract_pca_sample(
+        *extraction, c.feature_dtype, feature_dim, compute, c.pca_sample, seed)
     shards = extraction[1]
-    if n_chosen == len(shards):  # the sample is every image: the checks of the extraction pass, as early
+    whole = n_chosen == len(shards)
+    if whole:  # the sample is every image: the checks of the extraction pass, as early
         check_decodable(cfg, shards, n_rows)
     if n_bad:
         raise DcscaleError(f"cycle {cycle}: {n_bad} of the {n_rows} images of the PCA sample gave NaN or infinite "
@@ -202,4 +211,4 @@ def fit_cycle_pca(extraction: tuple, cfg: Config, feature_dim: int, compute: For
     if n_rows < max(c.pca_dim, 2):
         raise DcscaleError(f"cycle {cycle}: only {n_rows} of the {n_chosen} images of the PCA sample could be "
                            f"decoded; a PCA to cluster.pca_dim = {c.pca_dim} dims needs at least {max(c.pca_dim, 2)}")
-    return fit_pca_across_ranks(sample, c.pca_dim)
+    return fit_pca_across_ranks(sample, c.pca_dim), ((indices, sample, skipped) if whole else None)

@@ -138,19 +138,30 @@ def pca_sample_indices(n_total: int, pca_sample: int | None, seed: int) -> np.nd
 @torch.no_grad()
 def extract_pca_sample(model_fn, shardset, transform, env: dist.DistEnv, batch_size: int, workers: int,
                        dtype: str, feature_dim: int, compute: ForwardSettings | None, pca_sample: int | None,
-                       seed: int) -> tuple[np.ndarray, int, int, int]:
+                       seed: int) -> tuple[np.ndarray, np.ndarray, list[int], int, int, int]:
     """This rank's share of the cycle's PCA sample, extracted before the pass over every row (their
-    images are read and run through the network again in that pass: S/N of an extraction pass more).
-    A collective. Returns (this rank's decoded sample rows, float32 [S_r, D]; over all ranks: the
-    decoded rows, the rows with a NaN or infinite feature, the rows drawn)."""
+    images are read and run through the network again in that pass: S/N of an extraction pass more,
+    unless the sample is every image: see `project_sample`).
+    A collective. Returns (this rank's sample: global indices, decoded rows float32 [S_r, D], skipped
+    indices; over all ranks: the decoded rows, the rows with a NaN or infinite feature, the rows drawn)."""
     n_total = len(shardset)
     chosen = pca_sample_indices(n_total, pca_sample, seed)
     mine = rank_range(n_total, env.world_size, env.rank)
     lo, hi = np.searchsorted(chosen, [mine.start, mine.stop])
-    _, sample, _ = extract_features(model_fn, shardset, transform, env, batch_size, workers, dtype, feature_dim,
-                                    compute, rows=chosen[lo:hi])
+    indices, sample, skipped = extract_features(model_fn, shardset, transform, env, batch_size, workers, dtype,
+                                                feature_dim, compute, rows=chosen[lo:hi])
     n_rows, n_bad = (int(v) for v in dist.all_reduce_sum([len(sample), nonfinite_rows(sample)]))
-    return sample.astype(np.float32, copy=False), n_rows, n_bad, len(chosen)
+    return indices, sample.astype(np.float32, copy=False), skipped, n_rows, n_bad, len(chosen)
+
+
+def project_sample(indices: np.ndarray, sample: np.ndarray, skipped: list[int], pca: PCA,
+                   ) -> tuple[np.ndarray, np.ndarray, list[int], int]:
+    """`extract_projected`'s result when the PCA sample is the rank's whole slice (pca_sample >= N):
+    its rows are already off the network, so they are projected instead of extracted a second time.
+    The same rows, chunked alike (float16 rows upcast exactly), so the same bits. The slice is held at
+    full width here, which the sample's bound (4 D S/W bytes) already allows."""
+    z = apply_pca(sample, pca)
+    return indices, z, skipped, nonfinite_rows(sample)
 
 
 def nonfinite_rows(feats: np.ndarray, chunk_rows: int = 16384) -> int:
