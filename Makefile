@@ -25,7 +25,7 @@ demo: setup
 	      "'dcscale ...' or 'python tools/sweep.py ...', or call '$(BIN)/dcscale ...' and '$(BIN)/python tools/...'"
 
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) runs data
