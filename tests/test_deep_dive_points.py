@@ -142,3 +142,58 @@ def test_fetch_idx_without_root_or_apt_says_how_to_use_own_files(tmp_path):
     wrong = subprocess.run(["/bin/bash", str(ROOT / "tools" / "fetch_idx.sh"), "cifar"], capture_output=True,
                            text=True, timeout=60)
     assert wrong.returncode == 2 and "expected 'fmnist' or 'mnist'" in wrong.stderr
+
+
+class _RecordingRunner:
+    """Stands in for `Runner` (which runs `dcscale` subprocesses, tested above): records the points."""
+
+    def __init__(self, runs: Path):
+        self.runs, self.nproc, self.ran = runs, 1, []
+
+    def run(self, point):
+        self.ran.append(point.file)
+        return {"probe": {"top1": 0.5}}
+
+
+def test_workers_side_by_side_skip_claimed_and_finished_points(tmp_path):
+    """Two copies of the tool on one folder: a point claimed by a live worker is skipped, one whose
+    worker died is taken over, one finished meanwhile is not run again; claims are released."""
+    plan = ddp.Plan(k0=5, ia_ks=(5,), ia_seeds_per_k=0, ia_dist_seeds=0, ia_batch=1, seeds=(0,), halts=(1, 10),
+                    pcas=(), ia_acc_seeds=(), ref_seeds=(0,), classes=10)
+    points = [p for p in plan.points() if p.kind == "train"]  # never, halt 1, halt 10
+    results = ddp.Results(tmp_path / "results", {"config": {"train.lr": 0.1}})
+    claims = ddp.Claims(tmp_path / "runs")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        for point, pid in ((points[0], live.pid), (points[1], dead.pid)):
+            claims.path(point).parent.mkdir(parents=True, exist_ok=True)
+            claims.path(point).write_text(f"{pid} {ddp.socket.gethostname()}\n")
+        runner = _RecordingRunner(tmp_path / "runs")
+        ran, missing = ddp.run_plan(points, results, runner)
+        assert runner.ran == [points[1].file, points[2].file]  # the live worker's point skipped, the dead one's taken
+        assert (ran, missing) == (2, 1)
+        assert claims.path(points[0]).exists() and not claims.path(points[1]).exists()
+        assert not claims.path(points[2]).exists()
+    finally:
+        live.kill()
+        live.wait()
+    # the other worker finished its point meanwhile (it saved, then released its claim): nothing is left to run
+    results.save(points[0], {"probe": {"top1": 0.5}}, {})
+    claims.path(points[0]).unlink()
+    runner = _RecordingRunner(tmp_path / "runs")
+    assert ddp.run_plan(points, results, runner) == (0, 0) and runner.ran == []
+    # a point finished by another worker after this one listed it is not run again
+    results.path(points[2]).unlink()
+    todo_then_done = _RecordingRunner(tmp_path / "runs")
+    original_load, calls = results.load, []
+
+    def load_seeing_a_late_finish(point):
+        calls.append(point)
+        if len(calls) == len(points) + 1:  # the re-check right after claiming: the other worker has saved it
+            results.save(points[2], {"probe": {"top1": 0.5}}, {})
+        return original_load(point)
+
+    results.load = load_seeing_a_late_finish
+    assert ddp.run_plan(points, results, todo_then_done) == (0, 0) and todo_then_done.ran == []

@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -328,28 +329,97 @@ def measured(wall_s: float, loads: list[float], nproc: int) -> dict:
             "python": platform.python_version(), "machine": platform.machine()}
 
 
+class Claims:
+    """Which worker runs which point, so that several copies of the tool (one per core, or per machine
+    on a shared folder) can work through one plan side by side: RUNS/<kind>/<name>.claim, created
+    exclusively, holds the worker's pid and host. A claim whose process is gone on this host is stale
+    and taken over (its run continues from its checkpoints); one from another host cannot be checked
+    and is respected (remove it by hand if that worker died)."""
+
+    def __init__(self, runs: Path):
+        self.runs = runs
+        self.me = f"{os.getpid()} {socket.gethostname()}"
+
+    def path(self, point: Point) -> Path:
+        return self.runs / point.kind / f"{point.name}.claim"
+
+    def holder(self, point: Point) -> str | None:
+        """The live worker that holds the point's claim ("pid host"), or None."""
+        try:
+            pid, host = self.path(point).read_text().split()
+            pid = int(pid)
+        except (OSError, ValueError):
+            return None  # none, or unreadable (a claim being written, or damaged): see take()
+        if host != socket.gethostname():
+            return f"{pid} {host}"
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:  # alive, another user's
+            pass
+        return None if pid == os.getpid() else f"{pid} {host}"
+
+    def take(self, point: Point) -> str | None:
+        """Claims the point for this worker. Returns None when taken, else the holder."""
+        path = self.path(point)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            except FileExistsError:
+                holder = self.holder(point)
+                if holder is not None:
+                    return holder
+                path.unlink(missing_ok=True)  # stale: its worker died
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(self.me + "\n")
+            return None
+        return "another worker"  # lost the race for a stale claim to a worker that took it first
+
+    def release(self, point: Point) -> None:
+        try:
+            if self.path(point).read_text().strip() == self.me:
+                self.path(point).unlink()
+        except OSError:
+            pass
+
+
 def run_plan(points: list[Point], results: Results, runner: Runner, max_points: int | None = None,
              until: float | None = None, on_saved=None) -> tuple[int, int]:
-    """Runs the points that have no result yet, in order. Returns (run now, still missing)."""
+    """Runs the points that have no result yet, in order, skipping those another worker has claimed
+    or finished meanwhile. Returns (run now, still missing)."""
     for stray in results.stray_files(points):
         print(f"deep_dive: note: {stray} belongs to no point of this plan (kept, not tabulated)", flush=True)
     todo = [p for p in points if results.load(p) is None]  # also checks every finished file
     print(f"deep_dive: {len(points) - len(todo)} of {len(points)} points already in {results.root}; "
           f"{len(todo)} to run", flush=True)
-    done = 0
+    claims, done, elsewhere = Claims(runner.runs), 0, 0
     for point in todo:
         if max_points is not None and done >= max_points or until is not None and time.time() > until:
             break
-        print(f"deep_dive: running {point.file}", flush=True)
-        start, loads = time.perf_counter(), [os.getloadavg()[0]]
-        result = runner.run(point)
-        loads.append(os.getloadavg()[0])
-        results.save(point, result, measured(time.perf_counter() - start, loads, runner.nproc))
+        holder = claims.take(point)
+        if holder is not None:
+            print(f"deep_dive: {point.file} is being run by another worker (pid {holder}); next", flush=True)
+            elsewhere += 1
+            continue
+        try:
+            if results.load(point) is not None:  # finished by another worker since this one started
+                elsewhere += 1
+                continue
+            print(f"deep_dive: running {point.file}", flush=True)
+            start, loads = time.perf_counter(), [os.getloadavg()[0]]
+            result = runner.run(point)
+            loads.append(os.getloadavg()[0])
+            results.save(point, result, measured(time.perf_counter() - start, loads, runner.nproc))
+        finally:
+            claims.release(point)
         done += 1
         print(f"deep_dive: saved {results.path(point)} ({time.perf_counter() - start:.0f} s)", flush=True)
         if on_saved is not None:
             on_saved(results.path(point))
-    return done, len(todo) - done
+    return done, sum(1 for p in points if results.load(p) is None)
 
 
 # ---- statistics -----------------------------------------------------------------------------------------
