@@ -77,6 +77,12 @@ def build(plan: Plan, points: list[Point], results: Results, dataset: str, confi
             f"{measured[0]['cores']}-core CPU machines (torch {measured[0]['torch']}, faiss {measured[0]['faiss']}), "
             f"load average {min(loads):.1f}-{max(loads):.1f} while they ran: seconds compare within a table only "
             f"roughly (other jobs shared the cores).\n")
+        unrecorded = "not recorded (code before the commit field; the Fashion-MNIST points so far: 8dae25c)"
+        commits = sorted({m.get("commit") or unrecorded for m in measured})
+        add(f"Code that measured them: {', '.join(commits)}. Points measured before commit 70fa634 ran faiss's "
+            f"small k-means on every core of the machine (docs/threads.md: one thread since), so under load their "
+            f"k-means seconds, and the clustering seconds of the halting table, are upper bounds (a 0.2 s k-means "
+            f"took 1-15 s while another job held a core); accuracies, NMI and labels do not depend on it.\n")
 
     # ---- references
     add("## Reference rows: what the probe gives without DeepCluster\n")
