@@ -17,7 +17,7 @@ from conftest import metrics, tiny_run_overrides
 from dcscale.cluster.metrics import cluster_stats
 from dcscale.data.build import write_shard_set
 from dcscale.data.converters import SourceData, read_digits
-from dcscale.train.degenerate import ADVICE, cycle_ranges, degenerate_clustering, giant_cluster_share
+from dcscale.cycle.degenerate import ADVICE, cycle_ranges, degenerate_clustering, giant_cluster_share
 from dcscale.train.metrics_log import console_line
 
 TEST_CONFIG = Path(__file__).parent / "train_test.yaml"
