@@ -1,23 +1,31 @@
 """Degenerate clustering is said in words: the rule on label arrays, and real tiny runs built to collapse
-(the cycle line, metrics.jsonl's `degenerate`, TensorBoard's scalar and text) against a healthy one."""
+(the cycle line, metrics.jsonl's `degenerate`, TensorBoard's scalar and text) against a healthy one; and
+`dcscale report` and tools/sweep.py's table read it back, a run logged before the field as before."""
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.colors import to_rgb
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import metrics, tiny_run_overrides
+from test_sweep import _load_sweep_module
+from dcscale.cli import main as cli_main
 from dcscale.cluster.metrics import cluster_stats
 from dcscale.data.build import write_shard_set
 from dcscale.data.converters import SourceData, read_digits
-from dcscale.train.degenerate import ADVICE, cycle_ranges, degenerate_clustering, giant_cluster_share
+from dcscale.eval.report import DEGENERATE_LABEL, PANELS, _draw, degenerate_lines, read_metrics
+from dcscale.cycle.degenerate import ADVICE, cycle_ranges, cycle_runs, degenerate_clustering, giant_cluster_share
 from dcscale.train.metrics_log import console_line
 
 TEST_CONFIG = Path(__file__).parent / "train_test.yaml"
@@ -98,6 +106,7 @@ def test_console_line_says_it_in_words_with_what_to_try():
 def test_cycle_ranges():
     assert cycle_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
     assert cycle_ranges([3]) == "3"
+    assert cycle_runs([0, 1, 2, 5, 7, 8]) == [(0, 2), (5, 5), (7, 8)] and cycle_runs([]) == []
 
 
 # ---- real runs -------------------------------------------------------------------------------------
@@ -139,9 +148,15 @@ def mostly_blank_shards(tmp_path_factory) -> Path:
     return out
 
 
-def test_a_run_with_one_giant_cluster_says_so_every_cycle(mostly_blank_shards, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = train(run_dir, mostly_blank_shards)
+@pytest.fixture(scope="module")
+def giant_cluster_run(mostly_blank_shards, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A real 2-cycle run on the mostly blank digits: one cluster holds 90% at both cycles."""
+    run_dir = tmp_path_factory.mktemp("giant") / "run"
+    return run_dir, train(run_dir, mostly_blank_shards)
+
+
+def test_a_run_with_one_giant_cluster_says_so_every_cycle(giant_cluster_run):
+    run_dir, proc = giant_cluster_run
     lines = cycle_lines(proc)
     assert len(lines) == 2
     for line in lines:
@@ -182,3 +197,102 @@ def test_a_healthy_run_never_warns(halted_image_run):
     flags, texts = tensorboard(run_dir)
     assert flags == {0: 0.0, 1: 0.0}
     assert texts == {}
+
+
+# ---- `dcscale report` and tools/sweep.py's table say it too --------------------------------------------
+
+def without_degenerate(run_dir: Path, copy: Path) -> Path:
+    """A copy of the run as a run logged before metrics.jsonl had `degenerate`: the key removed."""
+    shutil.copytree(run_dir, copy)
+    rows = [{k: v for k, v in row.items() if k != "degenerate"} for row in metrics(run_dir)]
+    (copy / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return copy
+
+
+def shaded_cycles(rows: list[dict]) -> list[tuple[float, float]]:
+    """The cycle spans a report panel shades as degenerate, and (checked) its legend names them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    try:
+        assert _draw(ax, rows, PANELS["loss"])
+        spans = [(p.get_x(), p.get_x() + p.get_width()) for p in ax.patches
+                 if p.get_facecolor()[:3] == pytest.approx(to_rgb("tab:red"))]
+        legend = [t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else []
+        assert (DEGENERATE_LABEL in legend) == bool(spans)
+        return spans
+    finally:
+        plt.close(fig)
+
+
+def test_report_says_which_cycles_were_degenerate_and_what_to_try(giant_cluster_run, tmp_path, capsys):
+    run_dir, _ = giant_cluster_run
+    assert cli_main(["report", str(run_dir), "--out", str(tmp_path / "report")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("report: ")
+    assert lines[1:] == ["degenerate clustering in 2 of 2 cycles (cycles 0-1):",
+                         "  cycles 0-1: one cluster holds 90% of the images (at cycle 1)",
+                         f"  {ADVICE}"]
+    assert shaded_cycles(read_metrics(run_dir)) == [(-0.5, 1.5)]  # both cycles, on every curve
+    assert (tmp_path / "report" / "overview.png").is_file()
+
+
+def test_report_of_a_healthy_or_older_run_says_nothing_of_it(giant_cluster_run, halted_image_run, tmp_path,
+                                                             capsys):
+    old = without_degenerate(giant_cluster_run[0], tmp_path / "old")
+    for run_dir in (old, halted_image_run[0]):
+        assert cli_main(["report", str(run_dir), "--out", str(tmp_path / run_dir.name / "report")]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith("report: ") and len(out.splitlines()) == 1 and "degenerate" not in out
+        assert shaded_cycles(read_metrics(run_dir)) == []
+
+
+def _rows(verdicts: dict[int, str | None | bool]) -> list[dict]:
+    """metrics rows: cycle -> its `degenerate` (False: a row without the key)."""
+    return [{"cycle": c, "loss": 1.0, **({} if v is False else {"degenerate": v})} for c, v in verdicts.items()]
+
+
+def test_report_lines_for_runs_of_cycles_and_a_run_lengthened_across_the_field():
+    giant, still = "one cluster holds 77% of the images", "the network is not learning its pseudo-labels: loss 2.4"
+    rows = _rows({0: False, 1: False, 2: None, 3: "one cluster holds 64% of the images", 4: giant, 5: None,
+                  6: still})
+    assert degenerate_lines(rows) == [
+        "degenerate clustering in 3 of 5 cycles (cycles 3-4, 6); cycles 0-1 were logged before metrics.jsonl "
+        "had `degenerate`:",
+        f"  cycles 3-4: {giant} (at cycle 4)",
+        f"  cycle 6: {still}",
+        f"  {ADVICE}"]
+    assert shaded_cycles(rows) == [(2.5, 4.5), (5.5, 6.5)]
+    flapping = _rows({c: giant if c % 2 else None for c in range(40)})  # 20 runs of one cycle
+    lines = degenerate_lines(flapping)
+    assert lines[0].startswith("degenerate clustering in 20 of 40 cycles (cycles 1, 3, 5, ")
+    assert lines[1] == "  (12 earlier runs of such cycles: see the cycles above)"
+    assert lines[2:-1] == [f"  cycle {c}: {giant}" for c in range(25, 40, 2)]
+
+
+def test_sweep_table_counts_each_runs_degenerate_cycles(giant_cluster_run, halted_image_run, mostly_blank_shards,
+                                                        tmp_path, capsys):
+    """tools/sweep.py --collect-only on real runs: the collapsed one, a healthy one, and the collapsed one as
+    logged before `degenerate` existed: an empty cell there (not known), not 0 (which would say healthy)."""
+    sweep = _load_sweep_module()
+    out = tmp_path / "sweep"
+    # the grid's points are seed-0, -1, -2 (a key any config takes); their runs: copies of the real ones
+    shutil.copytree(giant_cluster_run[0], out / "runs" / "seed-0")
+    shutil.copytree(halted_image_run[0], out / "runs" / "seed-1")
+    without_degenerate(giant_cluster_run[0], out / "runs" / "seed-2")
+    for seed in range(3):
+        (out / "runs" / f"seed-{seed}" / "sweep_done").touch()
+    base = tmp_path / "base.yaml"
+    base.write_text(f"seed: 0\ndata: {{train: {mostly_blank_shards}, workers: 0}}\nmodel: {{arch: lenet5}}\n"
+                    "cluster: {k: 10, pca_dim: 16}\ntrain: {cycles: 2}\n")
+    assert sweep.main(["--config", str(base), "--grid", "seed=0,1,2", "--collect-only",
+                       "--probe-layer", "none", "--out", str(out)]) == 0
+    with open(out / "sweep.csv") as f:
+        cells = {row["seed"]: row["degenerate_cycles"] for row in csv.DictReader(f)}
+    assert cells == {"0": "2", "1": "0", "2": ""}  # collapsed, healthy, logged before the field
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == ("sweep: degenerate clustering in 1 of 3 runs: seed-0 (2 of 2 cycles); "
+                           "`dcscale report RUN_DIR` says which cycles and what to try")

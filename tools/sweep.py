@@ -15,7 +15,8 @@ Each grid point is one training run in OUT/runs/<key-value>/ (`dcscale train`, u
 --nproc > 1), followed by a linear probe of its last checkpoint on data.test (`dcscale probe`).
 Runs go one after the other (--launcher local) or as one submitit job array (--launcher submitit:
 Slurm when available, else local subprocesses). A point whose run and probe already finished is
-not run again (--rerun forces it). At the end OUT/sweep.csv has one row per point and
+not run again (--rerun forces it). At the end OUT/sweep.csv has one row per point (with
+`degenerate_cycles`: how many of the run's cycles training called degenerate clustering) and
 OUT/sweep.png plots each metric against the grid value.
 """
 
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dcscale.config import format_value, load_config, parse_value_list
+from dcscale.cycle.degenerate import logged_verdicts
 from dcscale.errors import ConfigError, DcscaleError
 from dcscale.eval.report import read_metrics
 from dcscale.train.check import check_run_inputs
@@ -196,6 +198,7 @@ def collect_point(point: Point) -> dict:
         metrics = []
     row["status"] = "ok" if is_done(point) else ("partial" if metrics else "missing")
     row["cycles"] = len(metrics)
+    row["degenerate_cycles"] = degenerate_count(metrics)
     last = metrics[-1] if metrics else {}
     for key in FINAL_KEYS:
         row[key] = last.get(key)
@@ -203,6 +206,14 @@ def collect_point(point: Point) -> dict:
     row["time_total_s"] = round(sum(times), 3) if times else None
     row.update(read_probe(point.run_dir / "probe.json"))
     return row
+
+
+def degenerate_count(metrics: list[dict]) -> int | None:
+    """The cycles training called degenerate clustering. None (an empty cell, as for any value not
+    known) when no cycle was judged: a run logged before metrics.jsonl had `degenerate`, or none yet;
+    0 there would say the run was healthy. A run lengthened across that change counts its judged cycles."""
+    flagged, unjudged = logged_verdicts(metrics)
+    return len(flagged) if len(unjudged) < len(metrics) else None
 
 
 def read_probe(path: Path) -> dict:
@@ -380,6 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     ok = sum(r["status"] == "ok" for r in rows)
     print(f"sweep: {ok}/{len(rows)} runs ok ({len(todo)} run now); table {out / 'sweep.csv'}, "
           f"plot {out / 'sweep.png'}")
+    degenerate = [f"{Path(r['run_dir']).name} ({r['degenerate_cycles']} of {r['cycles']} cycles)" for r in rows
+                  if r["degenerate_cycles"]]
+    if degenerate:  # the table is a file: say it where the sweep is watched too
+        print(f"sweep: degenerate clustering in {len(degenerate)} of {len(rows)} runs: {', '.join(degenerate)}; "
+              f"`dcscale report RUN_DIR` says which cycles and what to try")
     return 0 if ok == len(rows) else 1
 
 

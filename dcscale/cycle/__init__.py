@@ -8,5 +8,7 @@ ground floor, never training or evaluation (the import contracts in pyproject.to
   assign it, IA and users run on rows already extracted (`cluster_rows_to_labels`), and the checks.
 - `network`: the network of a dcscale file (checkpoint or backbone export), its input shape and its
   eval transform; `checkpoint`: the checkpoint file format (written and verified).
-- `knn`: weighted k-NN accuracy; `images`: what a cycle's clusters look like; `records`: metrics.jsonl.
+- `knn`: weighted k-NN accuracy; `images`: what a cycle's clusters look like; `records`: metrics.jsonl;
+  `degenerate`: the rule that calls a cycle's clustering degenerate and its words (training logs them,
+  `dcscale report` shows them).
 """

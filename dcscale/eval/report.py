@@ -6,7 +6,9 @@ truth, empty clusters, cluster sizes, phase times, throughput, k-NN accuracy whe
 `overview.png` with all of them, and for the last clustered cycle `clusters_montage.png` (the images
 nearest to the centroids of a sample of clusters) and `clusters_contingency.png` (pseudo-labels
 against classes, with ground truth): the pictures TensorBoard shows, so that a run can be read
-without it. Written to RUN_DIR/report/ (or --out).
+without it. Written to RUN_DIR/report/ (or --out). The cycles whose clustering training called
+degenerate (metrics.jsonl's `degenerate`) are shaded on every curve, and the command says which they
+were, why, and what to try.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dcscale.cycle.degenerate import ADVICE, cycle_ranges, cycle_runs, logged_verdicts
 from dcscale.errors import DcscaleError
 from dcscale.outputs import output_dir, writing
 from dcscale.cycle.records import metrics_lines
@@ -26,6 +29,8 @@ from dcscale.cycle.records import metrics_lines
 log = logging.getLogger("dcscale")
 
 PHASES = ("t_extract", "t_pca", "t_kmeans", "t_assign", "t_train", "t_images")
+DEGENERATE_LABEL = "degenerate clustering"  # the shaded cycles' legend entry
+MAX_DEGENERATE_RUNS = 8  # runs of degenerate cycles given a line each (the newest); the headline lists all
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,11 @@ def _draw(ax, rows: list[dict], panel: Panel) -> bool:
     if drawn and halted:
         ax.axvspan(min(halted) - 0.5, max(halted) + 0.5, color="0.9", zorder=0,
                    label="clustering halted")
+    # And the cycles whose clustering training called degenerate (none for a run logged before the field).
+    flagged = logged_verdicts(rows)[0] if drawn else []
+    for i, (first, last) in enumerate(cycle_runs(flagged)):
+        ax.axvspan(first - 0.5, last + 0.5, color="tab:red", alpha=0.15, lw=0, zorder=0,
+                   label=DEGENERATE_LABEL if i == 0 else None)
     ax.set_title(panel.title)
     ax.set_xlabel("cycle")
     ax.set_ylabel(panel.ylabel)
@@ -120,7 +130,7 @@ def _draw(ax, rows: list[dict], panel: Panel) -> bool:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if drawn:
         _scale_y(ax, values, panel)
-    if drawn > 1 or (drawn and halted):  # beside the axes, never over the lines
+    if drawn > 1 or (drawn and (halted or flagged)):  # beside the axes, never over the lines
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0, fontsize="small", frameon=False)
     ax.grid(alpha=0.3)
     return bool(drawn)
@@ -192,7 +202,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list
         _draw(ax, rows, PANELS[name])
     for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")
-    fig.suptitle(f"{run_dir.name}: {len(rows)} cycles")
+    flagged = logged_verdicts(rows)[0]
+    fig.suptitle(f"{run_dir.name}: {len(rows)} cycles"
+                 + (f", degenerate clustering in cycles {cycle_ranges(flagged)} (shaded)" if flagged else ""))
     fig.tight_layout()
     path = out / "overview.png"
     with writing("--out", out):
@@ -280,6 +292,30 @@ def summary_line(rows: list[dict]) -> str:
     return " ".join(parts)
 
 
+def degenerate_lines(rows: list[dict]) -> list[str]:
+    """What metrics.jsonl's `degenerate` says of the run, for the console: how many cycles and which,
+    why (the reason logged at the last cycle of each run of them) and what to try, in training's words.
+    [] when no cycle was called degenerate, so a healthy run, or one logged before training recorded
+    `degenerate`, reports as before."""
+    flagged, unjudged = logged_verdicts(rows)
+    if not flagged:
+        return []
+    reasons = {row["cycle"]: row["degenerate"] for row in rows if row.get("degenerate")}
+    head = (f"degenerate clustering in {len(flagged)} of {len(rows) - len(unjudged)} cycles "
+            f"(cycles {cycle_ranges(flagged)})")
+    if unjudged:
+        head += f"; cycles {cycle_ranges(unjudged)} were logged before metrics.jsonl had `degenerate`"
+    lines = [head + ":"]
+    runs = cycle_runs(flagged)
+    if len(runs) > MAX_DEGENERATE_RUNS:
+        lines.append(f"  ({len(runs) - MAX_DEGENERATE_RUNS} earlier runs of such cycles: see the cycles above)")
+    for first, last in runs[-MAX_DEGENERATE_RUNS:]:
+        where = f"cycle {last}" if first == last else f"cycles {first}-{last}"
+        lines.append(f"  {where}: {reasons[last]}" + ("" if first == last else f" (at cycle {last})"))
+    lines.append(f"  {ADVICE}")
+    return lines
+
+
 # ---- `dcscale report RUN_DIR` ------------------------------------------------------------------
 
 def add_arguments(parser) -> None:
@@ -291,4 +327,6 @@ def run(args) -> int:
     written = write_report(args.run_dir, args.out)
     rows = read_metrics(args.run_dir)
     print(f"report: {len(written)} PNGs in {written[-1].parent} ({summary_line(rows)})")
+    for line in degenerate_lines(rows):
+        print(line)
     return 0

@@ -28,13 +28,13 @@ from dcscale.config import Config
 from dcscale.cycle import phases
 from dcscale.cycle.clustering import cluster_cycle
 from dcscale.cycle.compute import ForwardSettings, grad_scaler, prepare_model
+from dcscale.cycle.degenerate import degenerate_clustering
 from dcscale.cycle.images import cluster_record, cycle_images, montage_due, write_record
 from dcscale.data.loaders import SeededDraws
 from dcscale.data.sampler import UniformClusterSampler
 from dcscale.errors import DcscaleError
 from dcscale.train.checkpoint import (Checkpointer, RunState, atomic_write, newest_checkpoint, rank0_writes,
                                       zero_totals)
-from dcscale.train.degenerate import degenerate_clustering
 from dcscale.train.metrics_log import console_line, finish_cycle_metrics, json_row, label_metrics, print_summary
 from dcscale.train.optim import body_optimizer, new_head_optimizer
 from dcscale.train.rundir import release_run_dir, undo_failed_start

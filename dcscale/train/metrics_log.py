@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from dcscale.cluster.metrics import cluster_stats, nmi_scores
+from dcscale.cycle.degenerate import cycle_ranges, warning_text
 from dcscale.cycle.records import metrics_lines
 from dcscale.safefile import atomic_write_text, open_append
 from dcscale.train.checkpoint import summed_totals
-from dcscale.train.degenerate import cycle_ranges, warning_text
 
 PHASES = ("extract", "pca", "kmeans", "assign", "train")
 log = logging.getLogger("dcscale")

@@ -59,12 +59,25 @@ def warning_text(reason: str) -> str:
     return f"degenerate clustering: {reason}; {ADVICE}"
 
 
-def cycle_ranges(cycles: list[int]) -> str:
-    """Sorted cycle numbers as ranges: [2, 3, 4, 7] -> '2-4, 7'."""
+def cycle_runs(cycles: list[int]) -> list[tuple[int, int]]:
+    """Sorted cycle numbers as (first, last) runs of consecutive cycles: [2, 3, 4, 7] -> [(2, 4), (7, 7)]."""
     runs: list[list[int]] = []
     for cycle in cycles:
         if runs and cycle == runs[-1][1] + 1:
             runs[-1][1] = cycle
         else:
             runs.append([cycle, cycle])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+    return [(a, b) for a, b in runs]
+
+
+def cycle_ranges(cycles: list[int]) -> str:
+    """Sorted cycle numbers as ranges: [2, 3, 4, 7] -> '2-4, 7'."""
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in cycle_runs(cycles))
+
+
+def logged_verdicts(rows: list[dict]) -> tuple[list[int], list[int]]:
+    """(the degenerate cycles, the cycles not judged) of metrics.jsonl rows sorted by cycle. A row
+    without a `degenerate` key was logged before training recorded it: it is not judged, not healthy."""
+    flagged = [row["cycle"] for row in rows if row.get("degenerate")]
+    unjudged = [row["cycle"] for row in rows if "degenerate" not in row]
+    return flagged, unjudged
