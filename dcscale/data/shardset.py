@@ -2,9 +2,12 @@
 
 `ShardSet(root)` checks the manifest against the tars up front so a bad shard set fails before any
 training starts. With the sidecar `index.npy` that builds write (offsets and labels of every sample),
-opening costs one stat per tar (present, recorded size) and a read of the label column (labels that
-disagree with the manifest's class count are an error); without it (or when stale), every tar's
-headers are scanned (readable to the end, sample count) and their offsets kept in memory.
+opening costs one stat per tar (present, recorded size), the first and last index row of each shard,
+and, for sets built since the index carries a digest per shard and the label range, no other read of
+the index (each shard's rows are checked against their digest when a process first reads them; older
+sets get the whole index hashed and their label column read, labels that disagree with the
+manifest's class count being an error); without it (or when stale), every tar's headers are scanned
+(readable to the end, sample count) and their offsets kept in memory.
 `read(i)` is then one `pread` of the sample's index row, one of the image bytes, and a decode: a
 process holds none of the index, and at most `max_open_files` tars open (least recently used closed
 first). Descriptors are opened lazily and not pickled, so one ShardSet can be handed to DataLoader
