@@ -253,7 +253,8 @@ class ShardSet:
         """The digest of each shard's index rows (32 bytes a shard), checked against its sha256 in the
         manifest; None for sets built before them, or when the file is missing or damaged (then the
         whole index is checked at open, as for a legacy set)."""
-        name, digest = self.manifest.extra.get("index_shard_digests"), self.manifest.extra.get("index_shard_digests_sha256")
+        name = self.manifest.extra.get("index_shard_digests")
+        digest = self.manifest.extra.get("index_shard_digests_sha256")
         if not name:
             return None
         expected = DIGEST_SIZE * self.num_shards

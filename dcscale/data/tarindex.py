@@ -359,7 +359,8 @@ def save_index(directory: str | Path, indexes: list[TarIndex], labels: list[np.n
     path = directory / INDEX_FILE
     atomic_write(path, lambda f: np.save(f, rows, allow_pickle=False))
     bounds = np.cumsum([0] + [len(i) for i in indexes])
-    digests = b"".join(hashlib.sha256(rows[start:stop].tobytes()).digest() for start, stop in zip(bounds, bounds[1:]))
+    digests = b"".join(hashlib.sha256(rows[start:stop].tobytes()).digest()
+                       for start, stop in zip(bounds, bounds[1:]))
     atomic_write(directory / INDEX_DIGESTS_FILE, lambda f: f.write(digests))
     label_range = [int(rows["label"].min()), int(rows["label"].max())] if len(rows) else None
     return {"index_file": INDEX_FILE, "index_file_size": path.stat().st_size, "index_file_sha256": file_sha256(path),
