@@ -103,7 +103,7 @@ def write_synthetic_shards(out: Path, n: int, samples_per_shard: int, pool_size:
     blocks: every sample is one 2 KiB record taken from a pre-encoded pool, with its key (the global
     index) and tar checksums patched in. Returns N, the shard count, the bytes written and the seconds."""
     from dcscale.data.manifest import FORMAT_VERSION, Manifest, ShardInfo, save_manifest
-    from dcscale.data.tarindex import INDEX_FILE, TarIndex, save_index_file, scan_tar
+    from dcscale.data.tarindex import TarIndex, save_index, scan_tar
     from dcscale.data.writers import KEY_FORMAT, SHARD_PATTERN
 
     t0 = time.perf_counter()
@@ -153,14 +153,13 @@ def write_synthetic_shards(out: Path, n: int, samples_per_shard: int, pool_size:
     for field_name in ("image_offset", "image_size", "label_offset", "label_size"):
         if not np.array_equal(getattr(first, field_name), getattr(indexes[0], field_name)):
             raise RuntimeError(f"synthetic shard layout disagrees with scan_tar on {field_name}")
-    index_size = save_index_file(out / INDEX_FILE, indexes, labels)
+    index_extra = save_index(out, indexes, labels)
     manifest = Manifest(version=FORMAT_VERSION, shards=shards, total=n, has_labels=True, num_classes=10,
                         class_names=[str(c) for c in range(10)], source=SYNTH_SOURCE, image_shape=[1, 16, 16],
                         channels=1, extra={"image_format": "png", "samples_per_shard": samples_per_shard,
-                                           "pool": pool_size, "seed": seed, "index_file": INDEX_FILE,
-                                           "index_file_size": index_size})
+                                           "pool": pool_size, "seed": seed, **index_extra})
     save_manifest(manifest, out)
-    return {"n": n, "shards": len(shards), "bytes": sum(s.size for s in shards) + index_size,
+    return {"n": n, "shards": len(shards), "bytes": sum(s.size for s in shards) + index_extra["index_file_size"],
             "build_s": time.perf_counter() - t0}
 
 

@@ -33,7 +33,7 @@ from PIL import Image
 from dcscale.data import converters
 from dcscale.data.converters import SourceData
 from dcscale.data.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardInfo, load_manifest, save_manifest
-from dcscale.data.tarindex import INDEX_FILE, IMAGE_EXTS, TarIndex, file_sha256, read_tar, save_index_file, scan_tar
+from dcscale.data.tarindex import IMAGE_EXTS, TarIndex, read_tar, save_index, scan_tar
 from dcscale.data.writers import FORMATS, ShardSetWriter, channels_of_mode
 from dcscale.errors import DataError, DcscaleError
 from dcscale.outputs import WRITE_ONLY_ERRNOS, output_error
@@ -277,7 +277,7 @@ def write_shard_set(source: SourceData, out: str | Path, samples_per_shard: int 
             raise DataError(f"{source.description}: no readable images")
         image_shape, channels, shape_extra = _shape_fields(shapes)
         labelled = source.class_names is not None
-        index_size = save_index_file(stage / INDEX_FILE, indexes, labels)
+        index_extra = save_index(stage, indexes, labels)
         manifest = Manifest(
             version=FORMAT_VERSION,
             shards=shards,
@@ -289,9 +289,7 @@ def write_shard_set(source: SourceData, out: str | Path, samples_per_shard: int 
             image_shape=image_shape,
             channels=channels,
             extra={"image_format": image_format, "samples_per_shard": samples_per_shard,
-                   "skipped_files": len(source.skipped or []), "index_file": INDEX_FILE,
-                   "index_file_size": index_size, "index_file_sha256": file_sha256(stage / INDEX_FILE),
-                   **shape_extra},
+                   "skipped_files": len(source.skipped or []), **index_extra, **shape_extra},
         )
         save_manifest(manifest, stage)
     for name in set(previous) - {s.name for s in shards}:
@@ -439,8 +437,7 @@ def index_tars(inputs: list[str | Path], out: str | Path, workers: int = 1) -> M
             image_shape=image_shape,
             channels=channels,
             extra={"indexed": True, "some_unlabelled": bool(some_unlabelled), **shape_extra,
-                   "index_file": INDEX_FILE, "index_file_size": save_index_file(stage / INDEX_FILE, indexes, labels),
-                   "index_file_sha256": file_sha256(stage / INDEX_FILE)},
+                   **save_index(stage, indexes, labels)},
         )
         save_manifest(manifest, stage)
     return manifest

@@ -2,9 +2,12 @@
 
 `ShardSet(root)` checks the manifest against the tars up front so a bad shard set fails before any
 training starts. With the sidecar `index.npy` that builds write (offsets and labels of every sample),
-opening costs one stat per tar (present, recorded size) and a read of the label column (labels that
-disagree with the manifest's class count are an error); without it (or when stale), every tar's
-headers are scanned (readable to the end, sample count) and their offsets kept in memory.
+opening costs one stat per tar (present, recorded size), the first and last index row of each shard,
+and, for sets built since the index carries a digest per shard and the label range, no other read of
+the index (each shard's rows are checked against their digest when a process first reads them; older
+sets get the whole index hashed and their label column read, labels that disagree with the
+manifest's class count being an error); without it (or when stale), every tar's headers are scanned
+(readable to the end, sample count) and their offsets kept in memory.
 `read(i)` is then one `pread` of the sample's index row, one of the image bytes, and a decode: a
 process holds none of the index, and at most `max_open_files` tars open (least recently used closed
 first). Descriptors are opened lazily and not pickled, so one ShardSet can be handed to DataLoader
@@ -14,6 +17,7 @@ workers; a forked worker may go on using inherited ones (pread shares no file of
 from __future__ import annotations
 
 import bisect
+import hashlib
 import io
 import logging
 import os
@@ -26,7 +30,8 @@ import numpy as np
 from PIL import Image
 
 from dcscale.data.manifest import MANIFEST_NAME, Manifest, load_manifest, manifest_path
-from dcscale.data.tarindex import IMAGE_EXTS, IndexFile, TarIndex, file_sha256, parse_label, read_labels, scan_tar
+from dcscale.data.tarindex import (DIGEST_SIZE, IMAGE_EXTS, IndexFile, TarIndex, file_sha256, parse_label, read_labels,
+                                   scan_tar)
 from dcscale.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -178,6 +183,7 @@ class ShardSet:
         self._labels: np.ndarray | None = None
         self._fds: OrderedDict[int, int] = OrderedDict()  # shard id -> descriptor, least recently used first
         self._warned: set[int] = set()
+        self._scanned_instead: set[int] = set()  # shards whose index rows did not match their digest
         self.decode_errors = 0  # undecodable images met by read() in this process
         self._index_file = self._open_index_file()
         self.used_index_file = self._index_file is not None
@@ -186,8 +192,8 @@ class ShardSet:
                 # with the sidecar index, present-with-the-recorded-size is the check (the build
                 # scanned these very bytes); without it, a header scan of every tar
                 self._check_file(shard_id) if self.used_index_file else self._shard_index(shard_id)
-            if self.manifest.has_labels:  # checked against the manifest's class count, not kept:
-                self._check_labels(self._read_labels())  # a rank that never asks holds no N-long array
+            if self.manifest.has_labels and not self._recorded_labels_fit():  # checked against the manifest's
+                self._check_labels(self._read_labels())  # class count, not kept: a rank that never asks holds none
 
     # ---- properties ----------------------------------------------------------------------
     def __len__(self) -> int:
@@ -217,10 +223,13 @@ class ShardSet:
     def _open_index_file(self) -> IndexFile | None:
         """The build's sidecar index when it matches the manifest (else None: the tars get scanned).
 
-        Its size, and its sha256 when the manifest records one (shard sets built since the checksum
-        was added), are checked: an index edited in place (two rows swapped, a label changed) is not
-        used, with a warning, and the tars' headers are scanned instead. Older shard sets, without the
-        checksum, are read as before (size and shard layout checked only)."""
+        Its size and shard layout are checked. Sets built since per-shard digests exist
+        (`index_shard_digests`) are checked lazily: each process compares a shard's block of rows with
+        its digest when it first reads that shard (IndexFile.shard_ok), and reads that tar's headers
+        instead where they differ (_uses_index), so an open costs no read of the index. Legacy sets with
+        only the whole file's sha256 (`index_file_sha256`) get it checked here, at every open: an index
+        edited in place (two rows swapped, a label changed) is not used, with a warning, and the tars'
+        headers are scanned instead. Sets older still, without any checksum, are read as before."""
         name, size = self.manifest.extra.get("index_file"), self.manifest.extra.get("index_file_size")
         digest = self.manifest.extra.get("index_file_sha256")
         if not name or any(s.size is None for s in self.manifest.shards):
@@ -228,16 +237,66 @@ class ShardSet:
         path = self.root / name
         try:
             if path.stat().st_size == size:
-                if digest is not None and file_sha256(path) != digest:
+                shard_digests = self._shard_digests()
+                if shard_digests is None and digest is not None and file_sha256(path) != digest:  # the legacy check
                     log.warning("%s: %s does not match the checksum in %s (edited or damaged); not used: reading "
                                 "the tars' headers instead (rebuild it with `dcscale shards index`)", self.root, name,
                                 MANIFEST_NAME)
                     return None
-                return IndexFile(path, self.manifest.shard_starts())
+                return IndexFile(path, self.manifest.shard_starts(), shard_digests)
         except (OSError, ValueError):
             pass
         log.info("%s: sidecar index missing or stale, scanning the tars", self.root)
         return None
+
+    def _shard_digests(self) -> bytes | None:
+        """The digest of each shard's index rows (32 bytes a shard), checked against its sha256 in the
+        manifest; None for sets built before them, or when the file is missing or damaged (then the
+        whole index is checked at open, as for a legacy set)."""
+        name = self.manifest.extra.get("index_shard_digests")
+        digest = self.manifest.extra.get("index_shard_digests_sha256")
+        if not name:
+            return None
+        expected = DIGEST_SIZE * self.num_shards
+        try:
+            with open(self.root / name, "rb") as f:
+                data = f.read(expected + 1)
+        except OSError:
+            data = b""
+        if len(data) == expected and hashlib.sha256(data).hexdigest() == digest:
+            return data
+        log.warning("%s: %s is missing or does not match the checksum in %s; checking the whole index instead "
+                    "(rebuild it with `dcscale shards index`)", self.root, name, MANIFEST_NAME)
+        return None
+
+    def _uses_index(self, shard_id: int) -> bool:
+        """Whether this shard's samples are read through the sidecar index: with per-shard digests, its
+        rows are checked on first use in this process; rows that differ are not used (one warning) and
+        the shard's tar headers are scanned instead, its labels checked as at open."""
+        if self._index_file is None:
+            return False
+        if self._index_file.shard_ok(shard_id):
+            return True
+        if shard_id not in self._scanned_instead:
+            log.warning("%s: the rows of shard %d (%s) in %s do not match their checksum (edited or damaged); not "
+                        "used: reading that tar's headers instead (rebuild the index with `dcscale shards index`)",
+                        self.root, shard_id, self.manifest.shards[shard_id].name, self._index_file.path.name)
+            self._shard_index(shard_id)
+            if self.manifest.has_labels:
+                self._check_labels(self._tar_labels(shard_id), first=self._starts[shard_id])
+            self._scanned_instead.add(shard_id)
+        return False
+
+    def _recorded_labels_fit(self) -> bool:
+        """Whether the label range the build recorded fits the manifest's class count, which stands for
+        reading every label when the index is checked shard by shard: a row used is then the build's,
+        and a shard read from its tar instead has its labels checked then."""
+        recorded = self.manifest.extra.get("index_label_range")
+        if self._index_file is None or not self._index_file.checks_shards or not (
+                isinstance(recorded, list) and len(recorded) == 2 and all(type(v) is int for v in recorded)):
+            return False
+        k = self.manifest.num_classes
+        return recorded[0] >= -1 and recorded[1] < (2 ** 31 if k is None else k)
 
     def _shard_index(self, shard_id: int) -> TarIndex:
         """The header scan of one shard (only without the sidecar index), done on first use."""
@@ -292,7 +351,7 @@ class ShardSet:
     def read_bytes(self, index: int) -> tuple[bytes, str, int | None]:
         """(encoded image bytes, extension, label or None) without decoding."""
         shard_id, pos = self.locate(index)
-        if self._index_file is not None:
+        if self._uses_index(shard_id):
             row = self._index_file.row(index, shard_id)
             data = self._pread(shard_id, row.image_offset, row.image_size)
             return data, IMAGE_EXTS[row.image_ext], None if row.label < 0 else row.label
@@ -311,7 +370,7 @@ class ShardSet:
 
     def _where(self, index: int) -> str:
         shard_id, pos = self.locate(index)
-        if self._index_file is not None:
+        if self._index_file is not None and self._index_file.shard_ok(shard_id):  # (a message: no fallback here)
             key = self._index_file.row(index, shard_id).key.rstrip(b"\0")
         else:
             key = self._shard_index(shard_id).keys[pos]
@@ -360,20 +419,27 @@ class ShardSet:
 
     def _read_labels(self) -> np.ndarray:
         if self._index_file is not None:
-            return self._index_file.labels()
-        return np.concatenate([read_labels(self._paths[s], self._shard_index(s))
-                               for s in range(self.num_shards)] or [np.zeros(0, dtype=np.int64)])
+            labels = self._index_file.labels()  # (checks every shard's rows not checked yet as they stream by)
+            for shard_id in self._index_file.mismatched_shards():
+                self._uses_index(shard_id)  # the warning and the tar's label check, once
+                labels[self._starts[shard_id]:self._starts[shard_id + 1]] = self._tar_labels(shard_id)
+            return labels
+        return np.concatenate([self._tar_labels(s) for s in range(self.num_shards)] or [np.zeros(0, dtype=np.int64)])
 
-    def _check_labels(self, labels: np.ndarray) -> None:
-        """Every label must be -1 (none) or one of the manifest's classes (without a class count: int32)."""
+    def _tar_labels(self, shard_id: int) -> np.ndarray:
+        return read_labels(self._paths[shard_id], self._shard_index(shard_id))
+
+    def _check_labels(self, labels: np.ndarray, first: int = 0) -> None:
+        """Every label must be -1 (none) or one of the manifest's classes (without a class count: int32);
+        `labels` are those of samples first, first + 1, ..."""
         k = self.manifest.num_classes
         limit = 2 ** 31 if k is None else k
         if not len(labels) or labels.min() >= -1 and labels.max() < limit:
             return
-        bad = int(np.argmax((labels < -1) | (labels >= limit)))
+        bad = first + int(np.argmax((labels < -1) | (labels >= limit)))
         allowed = f"num_classes is {k}" if k is not None else "labels are 0..2147483647"
         raise DataError(f"{manifest_path(self.root)}: {allowed} but sample {bad} ({self._where(bad)}) has label "
-                        f"{int(labels[bad])}")
+                        f"{int(labels[bad - first])}")
 
     # ---- process hand-off ----------------------------------------------------------------------
     def close(self) -> None:

@@ -322,6 +322,10 @@ def read_labels(path: str | Path, index: TarIndex) -> np.ndarray:
 # ---- sidecar index: the scan results of a whole shard set, so opening it does not rescan ----------
 
 INDEX_FILE = "index.npy"
+# sha256 of each shard's block of index rows, 32 bytes a shard in shard order (3.2 MB for 100k shards);
+# its own sha256 is in the manifest, so every rank parses 64 characters there, not a digest a shard
+INDEX_DIGESTS_FILE = "index.sha256"
+DIGEST_SIZE = 32
 _FIELDS = ("shard", "key", "image_offset", "image_size", "image_ext", "label_offset", "label_size", "label")
 
 
@@ -331,8 +335,7 @@ def _index_dtype(key_len: int) -> np.dtype:
                      ("label", "<i8")])
 
 
-def save_index_file(path: str | Path, indexes: list[TarIndex], labels: list[np.ndarray]) -> int:
-    """Write one structured .npy row per sample (deterministic bytes); returns the file size."""
+def _index_rows(indexes: list[TarIndex], labels: list[np.ndarray]) -> np.ndarray:
     key_len = max((idx.keys.dtype.itemsize for idx in indexes if len(idx)), default=1)
     rows = np.zeros(sum(len(i) for i in indexes), dtype=_index_dtype(key_len))
     start = 0
@@ -343,9 +346,26 @@ def save_index_file(path: str | Path, indexes: list[TarIndex], labels: list[np.n
             part[name] = getattr(idx, name if name != "key" else "keys")
         part["label"] = lab
         start += len(idx)
-    path = Path(path)
+    return rows
+
+
+def save_index(directory: str | Path, indexes: list[TarIndex], labels: list[np.ndarray]) -> dict:
+    """Write index.npy and the digest of each shard's block of rows (index.sha256) into `directory`;
+    returns the manifest's `extra` entries that record them. A reader checks only the blocks of the
+    shards it reads (IndexFile.shard_ok); the whole file's sha256 stays for readers older than the
+    per-shard digests, which check it at every open."""
+    directory = Path(directory)
+    rows = _index_rows(indexes, labels)
+    path = directory / INDEX_FILE
     atomic_write(path, lambda f: np.save(f, rows, allow_pickle=False))
-    return path.stat().st_size
+    bounds = np.cumsum([0] + [len(i) for i in indexes])
+    digests = b"".join(hashlib.sha256(rows[start:stop].tobytes()).digest()
+                       for start, stop in zip(bounds, bounds[1:]))
+    atomic_write(directory / INDEX_DIGESTS_FILE, lambda f: f.write(digests))
+    label_range = [int(rows["label"].min()), int(rows["label"].max())] if len(rows) else None
+    return {"index_file": INDEX_FILE, "index_file_size": path.stat().st_size, "index_file_sha256": file_sha256(path),
+            "index_shard_digests": INDEX_DIGESTS_FILE, "index_shard_digests_sha256": hashlib.sha256(digests).hexdigest(),
+            "index_label_range": label_range}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -355,6 +375,9 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 14), b""):  # 16 KB: a shard set opens in bounded memory
             h.update(block)
     return h.hexdigest()
+
+
+_UNCHECKED, _MATCHES, _DIFFERS = 0, 1, 2  # a shard's rows against their digest
 
 
 class IndexRow(NamedTuple):
@@ -373,9 +396,15 @@ class IndexRow(NamedTuple):
 class IndexFile:
     """The sidecar index.npy, read one row at a time (`pread`) or its label column in chunks, so a
     process holds none of it whatever the shard set's size. The descriptor opens on first use and is
-    not pickled; a forked process may go on using an inherited one (pread shares no file offset)."""
+    not pickled; a forked process may go on using an inherited one (pread shares no file offset).
 
-    def __init__(self, path: Path, shard_starts: list[int]):
+    With `shard_digests` (the sha256 of each shard's block of rows, sets built since they exist),
+    nothing is hashed at open: the first time a process touches a shard's rows (row(), or labels()
+    streaming past them), that block is checked against its digest, once, and trusted from then on
+    (`shard_ok`). Without them every row is trusted (the caller checked the whole file, or the set
+    predates any checksum)."""
+
+    def __init__(self, path: Path, shard_starts: list[int], shard_digests: bytes | None = None):
         """Raises ValueError if `path` is not an index, in the format written above, of a shard set
         whose shards start at these global indices."""
         with open(path, "rb") as f:
@@ -388,42 +417,101 @@ class IndexFile:
             self._data_start = f.tell()
         if dtype.names != _FIELDS or dtype != _index_dtype(dtype["key"].itemsize) or shape != (shard_starts[-1],):
             raise ValueError(f"not an index of {shard_starts[-1]} samples (shape {shape}, dtype {dtype})")
+        num_shards = len(shard_starts) - 1
+        if shard_digests is not None and len(shard_digests) != DIGEST_SIZE * num_shards:
+            raise ValueError(f"{len(shard_digests)} bytes of shard digests for {num_shards} shards")
         self.path = path
         self._dtype = dtype
         self._starts = np.asarray(shard_starts, dtype=np.int64)
         self._fd: int | None = None  # with _row, opened on first use in each process
         self._row: struct.Struct | None = None
+        self._digests = shard_digests
+        # per shard: _UNCHECKED, _MATCHES or _DIFFERS (None: no digests, every row trusted)
+        self._checked = None if shard_digests is None else \
+            bytearray(_UNCHECKED if n else _MATCHES for n in np.diff(self._starts))
         # rows are in shard order: a shard's first and last rows place it where the manifest does
         for shard_id, (start, stop) in enumerate(zip(shard_starts, shard_starts[1:])):
-            if stop > start and not self.row(start).shard == self.row(stop - 1).shard == shard_id:
+            if stop > start and not self._read_row(start).shard == self._read_row(stop - 1).shard == shard_id:
                 self.close()
                 raise ValueError(f"shard {shard_id} is not at rows {start}..{stop - 1}")
 
-    def row(self, index: int, shard_id: int | None = None) -> IndexRow:
-        """The row of global index `index` (key padded with NULs), checked to belong to shard
-        `shard_id` when given."""
+    @property
+    def checks_shards(self) -> bool:
+        """Whether rows are checked shard by shard against digests."""
+        return self._checked is not None
+
+    def shard_ok(self, shard_id: int) -> bool:
+        """Whether the rows of this shard may be used: on the first call in a process, its block is
+        read and compared with its digest."""
+        if self._checked is None:
+            return True
+        if self._checked[shard_id] == _UNCHECKED:
+            start, stop = (int(v) * self._dtype.itemsize for v in self._starts[shard_id:shard_id + 2])
+            digest, fd = hashlib.sha256(), self._descriptor()
+            for at in range(start, stop, 1 << 20):  # a shard of any size in 1 MB reads
+                size = min(1 << 20, stop - at)
+                data = os.pread(fd, size, self._data_start + at)
+                if len(data) != size:
+                    raise DataError(f"{self.path}: short read in the rows of shard {shard_id} (file truncated?)")
+                digest.update(data)
+            self._settle(shard_id, digest)
+        return self._checked[shard_id] == _MATCHES
+
+    def mismatched_shards(self) -> list[int]:
+        """The shards whose rows were found not to match their digest (so far, in this process)."""
+        if self._checked is None:
+            return []
+        return [shard_id for shard_id, state in enumerate(self._checked) if state == _DIFFERS]
+
+    def _settle(self, shard_id: int, digest) -> None:
+        expected = self._digests[shard_id * DIGEST_SIZE:(shard_id + 1) * DIGEST_SIZE]
+        self._checked[shard_id] = _MATCHES if digest.digest() == expected else _DIFFERS
+
+    def _descriptor(self) -> int:
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
             self._row = struct.Struct(f"<i{self._dtype['key'].itemsize}sqqBqqq")  # the dtype's packed layout
-        data = os.pread(self._fd, self._row.size, self._data_start + index * self._row.size)
-        if len(data) != self._row.size:
-            raise DataError(f"{self.path}: short read at row {index} (file truncated?)")
-        row = IndexRow._make(self._row.unpack(data))
+        return self._fd
+
+    def row(self, index: int, shard_id: int | None = None) -> IndexRow:
+        """The row of global index `index` (key padded with NULs), checked to belong to shard
+        `shard_id` when given. With digests, a row of a shard whose block does not match is an error
+        (callers ask shard_ok first and read that shard's tar instead)."""
+        if self._checked is not None:
+            owner = int(np.searchsorted(self._starts, index, side="right")) - 1
+            if not self.shard_ok(owner):
+                raise DataError(f"{self.path}: the rows of shard {owner} do not match their checksum (edited or "
+                                f"damaged; rebuild the index with `dcscale shards index`)")
+        row = self._read_row(index)
         if shard_id is not None and row.shard != shard_id:
             raise self._stale(index, row.shard, shard_id)
         return row
 
+    def _read_row(self, index: int) -> IndexRow:
+        data = os.pread(self._descriptor(), self._row.size, self._data_start + index * self._row.size)
+        if len(data) != self._row.size:
+            raise DataError(f"{self.path}: short read at row {index} (file truncated?)")
+        return IndexRow._make(self._row.unpack(data))
+
     def labels(self, chunk_rows: int = 1 << 16) -> np.ndarray:
-        """The label column (int32, -1 where a sample has none), read in chunks of rows."""
-        total = int(self._starts[-1])
+        """The label column (int32, -1 where a sample has none), read in chunks of rows. With digests,
+        every block not checked yet is checked as it streams by (no extra read); the labels of the
+        shards in mismatched_shards() afterwards are not to be used."""
+        total, itemsize = int(self._starts[-1]), self._dtype.itemsize
         labels = np.empty(total, np.int32)
+        digests: dict[int, object] = {}  # shards being hashed, by id
         with open(self.path, "rb") as f:
             f.seek(self._data_start)
             for start in range(0, total, chunk_rows):
-                rows = np.fromfile(f, dtype=self._dtype, count=min(chunk_rows, total - start))
+                data = f.read(min(chunk_rows, total - start) * itemsize)
+                rows = np.frombuffer(data, dtype=self._dtype, count=len(data) // itemsize)
                 stop = start + len(rows)
                 if stop != min(start + chunk_rows, total):
                     raise DataError(f"{self.path}: short read at row {stop} (file truncated?)")
+                if self._checked is not None:
+                    self._hash_blocks(start, stop, data, digests)
+                    labels[start:stop] = rows["label"]  # (a mismatched block's may wrap: not used)
+                    continue
                 expected = np.searchsorted(self._starts, np.arange(start, stop), side="right") - 1
                 if not np.array_equal(rows["shard"], expected):
                     bad = int(np.argmax(rows["shard"] != expected))
@@ -432,6 +520,21 @@ class IndexFile:
                     raise DataError(f"{self.path}: a label beyond the int32 range in rows {start}..{stop - 1}")
                 labels[start:stop] = rows["label"]
         return labels
+
+    def _hash_blocks(self, start: int, stop: int, data: bytes, digests: dict) -> None:
+        """Feed rows start..stop-1 (`data`) to the digests of the unchecked shards they belong to."""
+        itemsize = self._dtype.itemsize
+        shard_id = int(np.searchsorted(self._starts, start, side="right")) - 1
+        while shard_id < len(self._checked) and self._starts[shard_id] < stop:
+            first, end = int(self._starts[shard_id]), int(self._starts[shard_id + 1])
+            if self._checked[shard_id] == _UNCHECKED:
+                if first >= start:  # the block starts in this chunk (else it was unchecked at its start too)
+                    digests[shard_id] = hashlib.sha256()
+                lo, hi = max(first, start), min(end, stop)
+                digests[shard_id].update(data[(lo - start) * itemsize:(hi - start) * itemsize])
+                if end <= stop:
+                    self._settle(shard_id, digests.pop(shard_id))
+            shard_id += 1
 
     def _stale(self, index: int, found: int, expected: int) -> DataError:
         return DataError(f"{self.path}: row {index} is for shard {found} but the manifest puts it in shard "
