@@ -142,3 +142,21 @@ def test_headline_numbers_match_the_pages_they_link():
         for number in re.findall(r"\d[\d,]*(?:\.\d+)?", result):
             assert re.search(rf"(?<![\d.]){re.escape(number)}(?![\d])", page), \
                 f"README headline '{what}': {number} is not in {link}"
+
+
+def table_cells(row: str) -> int:
+    """Cells of a markdown table row (pipes inside code spans or escaped do not split)."""
+    return re.sub(r"`[^`]*`", "x", row).replace("\\|", "x").strip().strip("|").count("|") + 1
+
+
+@pytest.mark.parametrize("page", [*PAGES, *sorted((ROOT / "docs" / "results").glob("*.md"))],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_table_row_has_its_header_s_columns(page):
+    """A row pasted into the wrong table (or cut short) renders as garbage on GitHub."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.M | re.S)
+    for table in re.findall(r"(?:^\|.*\n?){2,}", text, flags=re.M):
+        rows = table.splitlines()
+        header = table_cells(rows[0])
+        assert [r for r in rows if table_cells(r) != header] == [], f"{page.name}: rows of another width"
+        assert not re.search(rf"^[^|\n]+\|.*\|\s*$", text[text.index(table) + len(table):].split("\n\n")[0],
+                             flags=re.M), f"{page.name}: a table row glued to text after a table"
