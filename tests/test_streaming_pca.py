@@ -91,7 +91,7 @@ def _same_rows_given_the_same_pca(shard_dir: str, broken_dir: str) -> dict:
                 and z.tobytes() == z_ref.tobytes() and unreduced.tobytes() == apply_pca(feats, None).tobytes())
             labels = []
             for rows in (z_ref, z):
-                centroids, _ = phases.cluster_rows(indices, rows, len(shards), 10, 10, None, None, 3)
+                centroids, _, _ = phases.cluster_rows(indices, rows, len(shards), 10, 10, None, None, 3)
                 labels.append(phases.share_labels(indices, *phases.assign_rows(rows, centroids), len(shards))[0])
             out[f"{name}_{dtype}_labels_same"] = np.array(np.array_equal(*labels))
     pca_mod.CHUNK_ROWS = phases.CHUNK_ROWS = 2048
@@ -112,7 +112,7 @@ def _cycle_against_the_previous_path(shard_dir: str) -> dict:
     seed = cycle_seed(cfg.seed, 0)
     indices, feats, _ = phases.extract_features(model.features, shards, tf, env, cfg.data.extract_batch_size, 0)
     z, _ = _reference_reduce(indices, feats, len(shards), 16, 700, seed)
-    centroids, _ = phases.cluster_rows(indices, z, len(shards), 10, 10, cfg.cluster.max_points_per_centroid,
+    centroids, _, _ = phases.cluster_rows(indices, z, len(shards), 10, 10, cfg.cluster.max_points_per_centroid,
                                        cfg.cluster.max_train_rows, seed)
     previous, _ = phases.share_labels(indices, *phases.assign_rows(z, centroids), len(shards))
     return {"cycle_labels": labels, "previous_labels": previous}

@@ -243,7 +243,7 @@ def test_kmeans_and_assignment_threads(monkeypatch, mode, kmeans_fn, kmeans_thre
     before = faiss.omp_get_max_threads()
     z = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
     indices = np.arange(300)
-    centroids, _ = phases.cluster_rows(indices, z, 300, 5, 5, None, None, seed=0, mode=mode)
+    centroids, _, _ = phases.cluster_rows(indices, z, 300, 5, 5, None, None, seed=0, mode=mode)
     phases.share_labels(indices, *phases.assign_rows(z, centroids), 300)
     if small:  # a second thread would not pay: one
         assert seen == {kmeans_fn: 1, "assign": 1}

@@ -50,8 +50,9 @@ def test_two_process_run_logs_every_cycle(two_process_run):
     rows = metrics(run_dir)
     assert [r["cycle"] for r in rows] == [0, 1]
     required = {"cycle", "loss", "nmi_prev", "nmi_gt", "empty_clusters", "clustered", "objective", "t_extract",
-                "t_pca", "t_kmeans", "t_assign", "t_train", "peak_mem_mb"}
+                "t_pca", "t_kmeans", "t_assign", "t_train", "peak_mem_mb", "kmeans_iterations"}
     assert required <= set(rows[0])
+    assert all(1 <= r["kmeans_iterations"] <= 20 for r in rows)  # the config's niter, or fewer (early stop)
     assert rows[0]["nmi_prev"] is None and 0 <= rows[1]["nmi_prev"] <= 1
     assert 0 < rows[0]["nmi_gt"] <= 1  # cycle 0: the Initial Alignment
     assert all(r["clustered"] and np.isfinite(r["loss"]) for r in rows)
@@ -90,7 +91,7 @@ def test_halt_after_skips_clustering_and_keeps_labels(digits_train_shards, tmp_p
     rows = metrics(run_dir)
     assert [r["clustered"] for r in rows] == [True, False, False]
     for r in rows[1:]:
-        assert r["t_extract"] == r["t_pca"] == r["t_kmeans"] == r["t_assign"] == 0.0
+        assert r["t_extract"] == r["t_pca"] == r["t_kmeans"] == r["t_assign"] == r["kmeans_iterations"] == 0
         assert r["nmi_gt"] == rows[0]["nmi_gt"], "the cycle-0 labels are kept"
     assert rows[0]["t_extract"] > 0
 

@@ -419,7 +419,8 @@ def run_once(shards: Path, n: int, world: int, args, config: Path, run_dir: Path
         phases[phase] = {"seconds": end - start, "ranks": ranks}
     return {
         "n": n, "world": world, "k": k, "steps": steps, "stopped_after_steps": stopped_early, "wall_s": wall,
-        "kmeans_s_per_iter": cycle["t_kmeans"] / cfg.cluster.niter,
+        # the iterations run (faiss's early stop can end k-means before niter; older runs: niter)
+        "kmeans_s_per_iter": cycle["t_kmeans"] / (cycle.get("kmeans_iterations") or cfg.cluster.niter),
         "peak_source": "VmHWM reset each poll" if resettable else "VmRSS samples",
         "polls_per_rank": [len(traces[r].t) if r in traces else 0 for r in range(world)],
         "fds_max": [max(traces[r].fds, default=0) if r in traces else None for r in range(world)],

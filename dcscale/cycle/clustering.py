@@ -116,6 +116,7 @@ class Clustering:
     local_labels: np.ndarray  # this rank's rows' clusters, in the order of its `indices`
     sq_dist: np.ndarray  # this rank's rows' squared distances to their centroids
     t_kmeans: float  # seconds of k-means (the rest of the call is the assignment)
+    kmeans_iterations: int  # Lloyd iterations run (fewer than cluster.niter when the early stop fired)
 
 
 def cluster_rows_to_labels(indices: np.ndarray, rows: np.ndarray, n_total: int, cluster: ClusterConfig, seed: int,
@@ -130,13 +131,13 @@ def cluster_rows_to_labels(indices: np.ndarray, rows: np.ndarray, n_total: int, 
     if not reduced:
         rows, _ = phases.reduce_features(indices, rows, n_total, cluster.pca_dim, cluster.pca_sample, seed)
     t0 = time.perf_counter()
-    centroids, _ = phases.cluster_rows(indices, rows, n_total, cluster.k, cluster.niter,
+    centroids, _, iterations = phases.cluster_rows(indices, rows, n_total, cluster.k, cluster.niter,
                                        cluster.max_points_per_centroid, cluster.max_train_rows, seed, cluster.kmeans)
     release_freed_memory()
     t_kmeans = time.perf_counter() - t0
     local_labels, sq_dist = phases.assign_rows(rows, centroids)
     labels, objective = phases.share_labels(indices, local_labels, sq_dist, n_total)
-    return Clustering(labels, objective, centroids, local_labels, sq_dist, t_kmeans)
+    return Clustering(labels, objective, centroids, local_labels, sq_dist, t_kmeans, iterations)
 
 
 def cluster_cycle(model, shards, eval_tf, env, cfg: Config, cycle: int,
@@ -170,7 +171,7 @@ def cluster_cycle(model, shards, eval_tf, env, cfg: Config, cycle: int,
                            f"(train.precision = {cfg.train.precision} may overflow, or the weights diverged); "
                            f"stopping before clustering them")
     result = cluster_rows_to_labels(indices, z, n_total, cfg.cluster, seed, reduced=True)
-    labels, objective, t_kmeans = result.labels, result.objective, result.t_kmeans
+    labels, objective, t_kmeans, iterations = result.labels, result.objective, result.t_kmeans, result.kmeans_iterations
     del z  # the last use of the reduced rows: the montage needs only the distances
     rows = None
     if montage:  # its images, from the distances just computed: each rank's nearest few per shown cluster
@@ -188,6 +189,7 @@ def cluster_cycle(model, shards, eval_tf, env, cfg: Config, cycle: int,
     return labels, n_skipped, {
         "objective": objective,
         "t_pca": t1 - t0, "t_extract": t2 - t1, "t_kmeans": t_kmeans, "t_assign": t4 - t2 - t_kmeans,
+        "kmeans_iterations": iterations,
         "ips_extract": n_total / max(t2 - (t0 if one_pass else t1), 1e-9),
     }, rows
 

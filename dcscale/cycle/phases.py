@@ -199,10 +199,11 @@ def reduce_features(indices: np.ndarray, feats: np.ndarray, n_total: int, pca_di
 
 def cluster_rows(indices: np.ndarray, z: np.ndarray, n_total: int, k: int, niter: int,
                  max_points_per_centroid: int | None, max_train_rows: int | None,
-                 seed: int, mode: str = "distributed") -> tuple[np.ndarray, float]:
+                 seed: int, mode: str = "distributed") -> tuple[np.ndarray, float, int]:
     """k-means over the (possibly subsampled) training rows of every rank; the centroids on every rank.
 
-    Returns (centroids [K, d], the training objective). `mode` (cluster.kmeans):
+    Returns (centroids [K, d], the training objective, the iterations run: fewer than `niter` when
+    faiss's early stop fired). `mode` (cluster.kmeans):
     - "distributed": every rank runs Lloyd's iterations on its own training rows, on its share of its
       node's cores (or its GPU), and only K x (d + 1) sums are all-reduced per iteration;
     - "rank0": the training rows are gathered to rank 0 and faiss's own k-means runs there on the
@@ -216,7 +217,7 @@ def cluster_rows(indices: np.ndarray, z: np.ndarray, n_total: int, k: int, niter
                 Progress("k-means", niter, "iterations", dist.is_main()) as shown:
             result = distributed_kmeans(local, k, niter, seed, device=faiss_device(),
                                         on_iteration=lambda obj: shown.update(1, objective=obj))
-        return result.centroids, float(result.objective)
+        return result.centroids, float(result.objective), len(result.iteration_objectives)
     if mode != "rank0":
         raise ValueError(f"unknown k-means mode {mode!r}: 'distributed' or 'rank0'")
     train_rows = dist.gather_rows_to_main(np.ascontiguousarray(local, dtype=np.float32))
@@ -226,14 +227,14 @@ def cluster_rows(indices: np.ndarray, z: np.ndarray, n_total: int, k: int, niter
         threads = fitting_threads(len(train_rows), train_rows.shape[1], k, dist.free_cores)
         with faiss_threads(threads), search_block(), Progress("k-means", niter, "iterations") as shown:
             result = train_kmeans(train_rows, k, niter, seed, on_iteration=lambda obj: shown.update(1, objective=obj))
-        centroids, objective = result.centroids, float(result.objective)
+        centroids, objective = result.centroids, (float(result.objective), len(result.iteration_objectives))
     else:
         centroids, objective = None, None
     del train_rows
     dist.wait_for_main()
     centroids = dist.broadcast_array(centroids)
-    objective = dist.broadcast_object(objective)
-    return centroids, objective
+    objective, iterations = dist.broadcast_object(objective)
+    return centroids, objective, iterations
 
 
 def faiss_device() -> int | None:

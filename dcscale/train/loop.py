@@ -40,7 +40,8 @@ from dcscale.train.optim import body_optimizer, new_head_optimizer
 from dcscale.train.rundir import release_run_dir, undo_failed_start
 from dcscale.train.start import RunInputs, open_inputs, start_run
 
-NO_CLUSTERING = {"t_extract": 0.0, "t_pca": 0.0, "t_kmeans": 0.0, "t_assign": 0.0, "objective": None}
+NO_CLUSTERING = {"t_extract": 0.0, "t_pca": 0.0, "t_kmeans": 0.0, "t_assign": 0.0, "kmeans_iterations": 0,
+                 "objective": None}
 
 
 def train(cfg: Config) -> dict:
