@@ -77,7 +77,7 @@ def build(plan: Plan, points: list[Point], results: Results, dataset: str, confi
             f"{measured[0]['cores']}-core CPU machines (torch {measured[0]['torch']}, faiss {measured[0]['faiss']}), "
             f"load average {min(loads):.1f}-{max(loads):.1f} while they ran: seconds compare within a table only "
             f"roughly (other jobs shared the cores).\n")
-        unrecorded = "not recorded (code before the commit field; the Fashion-MNIST points so far: 8dae25c)"
+        unrecorded = "not recorded (code from before the commit field; see docs/deep_dive.md)"
         commits = sorted({m.get("commit") or unrecorded for m in measured})
         add(f"Code that measured them: {', '.join(commits)}. Points measured before commit 70fa634 ran faiss's "
             f"small k-means on every core of the machine (docs/threads.md: one thread since), so under load their "
