@@ -1,5 +1,9 @@
 """Every bad input a user can give, through the real commands: exit code 2, exactly one line on stderr,
-no traceback, and nothing started (a `dcscale train` prints no config for inputs it refuses)."""
+no traceback, and nothing started (a `dcscale train` prints no config for inputs it refuses).
+
+The launchers (slurm.py, torchrun.sh) and one `dcscale train` case run as real processes; the other
+`dcscale` cases run its entry point in this process (tests/cli_in_process.py: the same code, exit code and
+lines, without starting Python and torch for each)."""
 
 from __future__ import annotations
 
@@ -12,7 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_in_process import run_in_process
 from conftest import tiny_run_overrides
+
+from dcscale.cli import main as dcscale_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(Path(__file__).parent / "train_test.yaml")
@@ -125,17 +132,25 @@ CASES = {
 }
 
 NEEDS_A_RUN = {"binary tail in metrics.jsonl at resume", "binary tail in metrics.jsonl (report)"}
+# the `dcscale` case that runs as a real process too: a run that resumes, reads its files, then refuses
+REAL_PROCESS = {"binary tail in metrics.jsonl at resume"}
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_exits_2_with_one_line(name, tmp_path, digits_train_shards, digits_test_shards, request):
+def test_bad_input_exits_2_with_one_line(name, tmp_path, digits_train_shards, digits_test_shards, request,
+                                       monkeypatch, capsys):
     if name == "dist.backend=nccl without CUDA" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     build, message = CASES[name]
     fixtures = {"trained_run": request.getfixturevalue("trained_run")} if name in NEEDS_A_RUN else {}
+    argv = build(tmp_path, digits_train_shards, digits_test_shards, fixtures)
     started = time.monotonic()
-    proc = subprocess.run(build(tmp_path, digits_train_shards, digits_test_shards, fixtures), env=ENV,
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    if argv[:len(DCSCALE)] == DCSCALE and name not in REAL_PROCESS:
+        monkeypatch.chdir(tmp_path)
+        proc = run_in_process(dcscale_main, argv[len(DCSCALE):], capsys)
+        proc.args = argv  # (the checks below read the command from it)
+    else:
+        proc = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr

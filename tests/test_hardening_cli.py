@@ -2,11 +2,13 @@
 output paths fail with one line, and a failed start leaves nothing behind.
 
 Most cases run the CLI in this process (`dcscale.cli.main`, the same code as the command, without a
-torch import per case); the launcher cases run the real scripts."""
+torch import per case; tests/cli_in_process.py where a logged warning must show too); the launcher cases
+run the real scripts, except where slurm.py's main is called here for a check it makes before any job."""
 
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_in_process import dcscale, run_in_process
 from conftest import tiny_run_overrides
 
 from dcscale.cli import main as dcscale_main
@@ -205,17 +208,29 @@ def test_slurm_refuses_control_characters_in_sbatch_values(flag, digits_train_sh
     assert "#SBATCH --mem=1T" not in out
 
 
-def test_slurm_refuses_gpus_this_machine_lacks_when_running_here(digits_train_shards, tmp_path):
+def _slurm_in_process(argv: list[str], capsys) -> tuple[int, list[str], str]:
+    """launch/slurm.py's main(argv) in this process (its checks before submitting are plain Python)."""
+    spec = importlib.util.spec_from_file_location("dcscale_slurm_launcher", ROOT / "launch" / "slurm.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    done = run_in_process(launcher.main, argv, capsys)
+    return done.returncode, [ln for ln in done.stderr.splitlines() if ln.strip()], done.stdout
+
+
+def test_slurm_refuses_gpus_this_machine_lacks_when_running_here(digits_train_shards, tmp_path, capsys):
     import torch
 
     gpus = torch.cuda.device_count()
-    code, lines, _ = _script([*SLURM, "--cluster", "local", "--gpus-per-node", str(gpus + 1),
-                              f"data.train={digits_train_shards}", "data.image_size=32", f"output.dir={tmp_path / 'run'}"])
+    code, lines, _ = _slurm_in_process([*SLURM[2:], "--cluster", "local", "--gpus-per-node", str(gpus + 1),
+                                        f"data.train={digits_train_shards}", "data.image_size=32",
+                                        f"output.dir={tmp_path / 'run'}"], capsys)
     assert code == 2 and len(lines) == 1, lines
     assert f"--gpus-per-node {gpus + 1} with --cluster local: this machine has {gpus} GPU(s)" in lines[0]
+    assert not (tmp_path / "run").exists()
     # On SLURM the job runs elsewhere: the login node's GPUs say nothing, so --dry-run goes through.
-    code, lines, _ = _script([*SLURM, "--dry-run", "--gpus-per-node", str(gpus + 1),
-                              f"data.train={digits_train_shards}", "data.image_size=32", f"output.dir={tmp_path / 'run'}"])
+    code, lines, _ = _slurm_in_process([*SLURM[2:], "--dry-run", "--gpus-per-node", str(gpus + 1),
+                                        f"data.train={digits_train_shards}", "data.image_size=32",
+                                        f"output.dir={tmp_path / 'run'}"], capsys)
     assert code == 0, lines
 
 
@@ -340,10 +355,10 @@ def test_an_output_on_a_full_file_system_is_one_line(name, digits_train_shards, 
 
 # ---- 5. a failed start leaves the run directory as it found it --------------------------------------------
 
-def _train(shards: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dcscale", "train", "--config", CONFIG,
-                           *tiny_run_overrides(shards, run_dir, **{"train.cycles": 1}), *extra],
-                          env=ENV, capture_output=True, text=True, timeout=300)
+def _train(capsys, shards: Path, run_dir: Path, *extra: str):
+    """`dcscale train` (one cycle) in this process: returncode, stdout, stderr."""
+    return dcscale(["train", "--config", CONFIG, *tiny_run_overrides(shards, run_dir, **{"train.cycles": 1}), *extra],
+                   capsys)
 
 
 def _undecodable(shards: Path, dst: Path) -> Path:
@@ -361,33 +376,33 @@ def _undecodable(shards: Path, dst: Path) -> Path:
     return root
 
 
-def test_a_start_that_fails_after_claiming_leaves_no_trace(digits_train_shards, tmp_path):
+def test_a_start_that_fails_after_claiming_leaves_no_trace(digits_train_shards, tmp_path, capsys):
     """A damaged resume checkpoint is found once the run directory is locked: the directories this run
     created go again; a directory the user made keeps exactly what it held."""
     new = tmp_path / "new" / "run"
-    proc = _train(digits_train_shards, new, f"resume={_garbage(tmp_path)}")
+    proc = _train(capsys, digits_train_shards, new, f"resume={_garbage(tmp_path)}")
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "damaged or not a checkpoint" in lines[0], proc.stderr
     assert not (tmp_path / "new").exists()
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "notes.txt").write_text("mine\n")
-    proc = _train(digits_train_shards, existing, f"resume={_garbage(tmp_path)}")
+    proc = _train(capsys, digits_train_shards, existing, f"resume={_garbage(tmp_path)}")
     assert proc.returncode == 2, proc.stderr
     assert sorted(os.listdir(existing)) == ["notes.txt"]
 
 
-def test_a_run_that_fails_at_its_first_cycle_removes_config_and_tensorboard(digits_train_shards, tmp_path):
+def test_a_run_that_fails_at_its_first_cycle_removes_config_and_tensorboard(digits_train_shards, tmp_path, capsys):
     """No image decodes: the run stops at cycle 0, after it wrote config.yaml and tb/; both go again."""
     run_dir = tmp_path / "run"
-    proc = _train(_undecodable(digits_train_shards, tmp_path / "zeros"), run_dir)
+    proc = _train(capsys, _undecodable(digits_train_shards, tmp_path / "zeros"), run_dir)
     lines = [ln for ln in proc.stderr.splitlines() if "error" in ln]
     assert proc.returncode == 2 and len(lines) == 1 and "could be decoded" in lines[0], proc.stderr[-3000:]
     assert f"fresh run; run dir {run_dir}" in proc.stdout  # (printed once config.yaml and tb/ are written)
     assert not run_dir.exists(), sorted(os.listdir(run_dir))
 
 
-def test_a_start_refused_by_a_live_run_leaves_that_runs_files(digits_train_shards, tmp_path):
+def test_a_start_refused_by_a_live_run_leaves_that_runs_files(digits_train_shards, tmp_path, capsys):
     run_dir = tmp_path / "run"
     (run_dir / "tb").mkdir(parents=True)
     (run_dir / "config.yaml").write_text("seed: 0\n")
@@ -395,6 +410,6 @@ def test_a_start_refused_by_a_live_run_leaves_that_runs_files(digits_train_shard
         held.write("host elsewhere, pid 4242\n")
         held.flush()
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        proc = _train(digits_train_shards, run_dir)
+        proc = _train(capsys, digits_train_shards, run_dir)
     assert proc.returncode == 2 and "is in use by another run (host elsewhere, pid 4242)" in proc.stderr
     assert sorted(os.listdir(run_dir)) == [".lock", "config.yaml", "tb"]

@@ -1,4 +1,7 @@
-"""`dcscale train` end to end: plainly and under torchrun (gloo, 2 processes on CPU)."""
+"""`dcscale train` end to end: plainly and under torchrun (gloo, 2 processes on CPU).
+
+Runs that are refused or stop with an error at their first cycle run `dcscale`'s entry point in this process
+(tests/cli_in_process.py: same exit code and lines, without starting Python and torch again)."""
 
 from __future__ import annotations
 
@@ -11,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_in_process import dcscale
 from conftest import metrics, tiny_run_overrides
 
 from dcscale.config import load_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+CONFIG = str(Path(__file__).parent / "train_test.yaml")
 
 
 def _overrides(shards: Path, run_dir: Path, **extra) -> list[str]:
@@ -72,10 +77,17 @@ def test_saved_config_reproduces_the_run(two_process_run, digits_train_shards, d
                                 _two_process_overrides(digits_train_shards, digits_test_shards, run_dir))
 
 
-def test_one_and_two_processes_give_the_same_cycle0_labels(digits_train_shards, tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    p1 = run_train(1, _overrides(digits_train_shards, one, **{"train.cycles": 1}))
-    assert p1.returncode == 0, p1.stderr[-3000:]
+@pytest.fixture(scope="module")
+def one_cycle_run(digits_train_shards, tmp_path_factory) -> Path:
+    """A one-process, one-cycle run with a checkpoint every 5 steps (which leaves its labels as they are)."""
+    run_dir = tmp_path_factory.mktemp("one") / "run"
+    proc = run_train(1, _overrides(digits_train_shards, run_dir, **{"train.cycles": 1, "checkpoint.every_steps": 5}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_one_and_two_processes_give_the_same_cycle0_labels(one_cycle_run, digits_train_shards, tmp_path):
+    one, two = one_cycle_run, tmp_path / "two"
     p2 = run_train(2, _overrides(digits_train_shards, two, **{"train.cycles": 1}))
     assert p2.returncode == 0, p2.stderr[-3000:]
     np.testing.assert_array_equal(np.load(one / "labels.npy"), np.load(two / "labels.npy"))
@@ -126,14 +138,14 @@ def test_killed_run_resumes_to_the_uninterrupted_result(two_process_run, digits_
     np.testing.assert_array_equal(np.load(reference_dir / "labels.npy"), np.load(run_dir / "labels.npy"))
 
 
-def test_nan_loss_stops_with_a_clear_message(digits_train_shards, tmp_path):
+def test_nan_loss_stops_with_a_clear_message(digits_train_shards, tmp_path, capsys):
     # The message names the checkpoint a resume would start from, or says that there is none yet.
     for every_steps, left in ((1, f"the newest checkpoint, {tmp_path / 'nan1' / 'checkpoints' / 'last.pt'}, was "
                                   f"written before it"),
                               ("null", "no checkpoint was written yet, so a new run starts over")):
         run_dir = tmp_path / f"nan{every_steps}"
-        proc = run_train(1, _overrides(digits_train_shards, run_dir, **{"train.lr": 1e30, "train.cycles": 1,
-                                                                         "checkpoint.every_steps": every_steps}))
+        proc = dcscale(["train", "--config", CONFIG, *_overrides(digits_train_shards, run_dir, **{
+            "train.lr": 1e30, "train.cycles": 1, "checkpoint.every_steps": every_steps})], capsys)
         assert proc.returncode == 2
         last = proc.stderr.strip().splitlines()[-1]
         assert "loss is NaN or infinite at cycle 0" in last and "step" in last
@@ -141,7 +153,7 @@ def test_nan_loss_stops_with_a_clear_message(digits_train_shards, tmp_path):
         assert "Traceback" not in proc.stderr
 
 
-def test_nan_features_stop_before_clustering(digits_train_shards, tmp_path):
+def test_nan_features_stop_before_clustering(digits_train_shards, tmp_path, capsys):
     """Weights that make the features infinite (as an fp16 overflow would) stop the run at extraction
     with one line, instead of a PCA and k-means of NaNs."""
     import torch
@@ -155,7 +167,8 @@ def test_nan_features_stop_before_clustering(digits_train_shards, tmp_path):
     first_conv = next(k for k, v in weights.items() if k.startswith("body.") and v.dim() == 4)
     weights[first_conv] = torch.full_like(weights[first_conv], float("inf"))
     write_checkpoint_file({"model": weights}, tmp_path / "inf_init.pt")
-    proc = run_train(1, _overrides(digits_train_shards, tmp_path / "run", **{"model.init": tmp_path / "inf_init.pt"}))
+    proc = dcscale(["train", "--config", CONFIG,
+                    *_overrides(digits_train_shards, tmp_path / "run", **{"model.init": tmp_path / "inf_init.pt"})], capsys)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert "cycle 0:" in last and "gave NaN or infinite features" in last  # (the PCA sample's pass comes first)
@@ -163,13 +176,13 @@ def test_nan_features_stop_before_clustering(digits_train_shards, tmp_path):
     assert not (tmp_path / "run" / "labels.npy").exists()
 
 
-def test_bad_config_fails_before_any_work(digits_train_shards, tmp_path):
+def test_bad_config_fails_before_any_work(digits_train_shards, tmp_path, capsys):
     proc = run_train(1, _overrides(digits_train_shards, tmp_path / "bad", **{"cluster.kk": 3}))
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("dcscale: error: unknown config key 'cluster.kk' in the command line "
                                    "(did you mean 'cluster.k'?)")
     assert not (tmp_path / "bad").exists()
-    proc = run_train(1, [f"output.dir={tmp_path / 'bad'}"])
+    proc = dcscale(["train", "--config", CONFIG, f"output.dir={tmp_path / 'bad'}"], capsys)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("dcscale: error: data.train is not set in ")
 
@@ -231,13 +244,12 @@ def test_undecodable_images_are_counted_and_the_run_completes(tmp_path):
     assert labels[7] == -1 and labels[301] == -1 and (np.delete(labels, [7, 301]) >= 0).all()
 
 
-def test_mid_epoch_checkpoint_refuses_another_batch_size(digits_train_shards, tmp_path):
-    run_dir = tmp_path / "run"
-    first = run_train(1, _overrides(digits_train_shards, run_dir, **{"train.cycles": 1, "checkpoint.every_steps": 5}))
-    assert first.returncode == 0, first.stderr[-3000:]
-    mid = sorted((run_dir / "checkpoints").glob("cycle00000_epoch000_step*.pt"))[-1]
+def test_mid_epoch_checkpoint_refuses_another_batch_size(one_cycle_run, digits_train_shards, tmp_path, capsys):
+    mid = sorted((one_cycle_run / "checkpoints").glob("cycle00000_epoch000_step*.pt"))[-1]
     # (a new run from this checkpoint: in its own directory the run's config could not change at all)
-    proc = run_train(1, _overrides(digits_train_shards, tmp_path / "new", **{"resume": mid, "train.batch_size": 32}))
+    proc = dcscale(["train", "--config", CONFIG,
+                    *_overrides(digits_train_shards, tmp_path / "new", **{"resume": mid, "train.batch_size": 32})],
+                   capsys)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"dcscale: error: {mid} was written mid-epoch by 1 process(es) with train.batch_size=64; "
