@@ -5,6 +5,7 @@ Runs that are refused or stop with an error at their first cycle run `dcscale`'s
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -151,6 +152,9 @@ def test_nan_loss_stops_with_a_clear_message(digits_train_shards, tmp_path, caps
         assert "loss is NaN or infinite at cycle 0" in last and "step" in last
         assert last.endswith(f"; stopping ({left})")
         assert "Traceback" not in proc.stderr
+        if (run_dir / ".lock").exists():  # the stopped run let go of its directory (flock: per open file)
+            with open(run_dir / ".lock") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_nan_features_stop_before_clustering(digits_train_shards, tmp_path, capsys):

@@ -46,13 +46,16 @@ NO_CLUSTERING = {"t_extract": 0.0, "t_pca": 0.0, "t_kmeans": 0.0, "t_assign": 0.
 
 def train(cfg: Config) -> dict:
     """Run DeepCluster as `cfg` says; a start that fails (before the first checkpoint) leaves the run
-    directory as it found it."""
+    directory as it found it, and a run that stops for any reason lets go of its directory's lock (a
+    caller in the same process, e.g. a notebook, would otherwise hold it until it exits)."""
     try:
         return run_training(cfg)
     except DcscaleError:
         if dist.is_main():
             undo_failed_start(Path(cfg.output.dir))
         raise
+    finally:
+        release_run_dir(Path(cfg.output.dir))
 
 
 def run_training(cfg: Config) -> dict:
