@@ -179,6 +179,27 @@ def test_workers_side_by_side_skip_claimed_and_finished_points(tmp_path):
     finally:
         live.kill()
         live.wait()
+    # a pid now held by another process (a reboot since the claim, or reuse), an empty claim being written
+    # and an empty one left long ago
+    other = ddp.Claims(tmp_path / "other-runs")
+    point = points[0]
+    other.path(point).parent.mkdir(parents=True)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = ddp.socket.gethostname()
+        other.path(point).write_text(f"{alive.pid} {host} {ddp.process_start(alive.pid)}\n")
+        assert other.holder(point) == f"pid {alive.pid} on {host}"
+        other.path(point).write_text(f"{alive.pid} {host} not-this-boot:1\n")
+        assert other.holder(point) is None
+    finally:
+        alive.kill()
+        alive.wait()
+    other.path(point).write_text("")
+    assert other.holder(point) == "a worker writing its claim"
+    os.utime(other.path(point), (0, 0))
+    assert other.holder(point) is None
+    mine = ddp.Claims(tmp_path / "mine")  # the worker's own record matches a live process's start
+    assert mine.me.split()[2] == ddp.process_start(os.getpid()) != "-"
     # the other worker finished its point meanwhile (it saved, then released its claim): nothing is left to run
     results.save(points[0], {"probe": {"top1": 0.5}}, {})
     claims.path(points[0]).unlink()

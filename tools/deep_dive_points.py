@@ -329,36 +329,60 @@ def measured(wall_s: float, loads: list[float], nproc: int) -> dict:
             "python": platform.python_version(), "machine": platform.machine()}
 
 
+def process_start(pid: int) -> str:
+    """This boot's id and the process's start time (clock ticks since boot), so that a pid reused after
+    a reboot or by another process is not taken for the worker that wrote a claim; "-" where /proc has
+    neither."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return f"{boot}:{stat[stat.rindex(')') + 2:].split()[19]}"  # field 22, after the (comm)
+    except (OSError, ValueError, IndexError):
+        return "-"
+
+
 class Claims:
     """Which worker runs which point, so that several copies of the tool (one per core, or per machine
     on a shared folder) can work through one plan side by side: RUNS/<kind>/<name>.claim, created
-    exclusively, holds the worker's pid and host. A claim whose process is gone on this host is stale
-    and taken over (its run continues from its checkpoints); one from another host cannot be checked
-    and is respected (remove it by hand if that worker died)."""
+    exclusively, holds the worker's pid, host and process start. A claim whose process is gone on this
+    host (or whose pid now belongs to another process) is stale and taken over (its run continues from
+    its checkpoints); one from another host cannot be checked and is respected (remove it by hand if
+    that worker died)."""
+
+    FRESH_S = 60.0  # an empty claim younger than this is a worker still writing its name
 
     def __init__(self, runs: Path):
         self.runs = runs
-        self.me = f"{os.getpid()} {socket.gethostname()}"
+        self.me = f"{os.getpid()} {socket.gethostname()} {process_start(os.getpid())}"
 
     def path(self, point: Point) -> Path:
         return self.runs / point.kind / f"{point.name}.claim"
 
     def holder(self, point: Point) -> str | None:
-        """The live worker that holds the point's claim ("pid host"), or None."""
+        """The live worker that holds the point's claim ("pid P on HOST"), or None."""
+        path = self.path(point)
         try:
-            pid, host = self.path(point).read_text().split()
-            pid = int(pid)
-        except (OSError, ValueError):
-            return None  # none, or unreadable (a claim being written, or damaged): see take()
+            fields = path.read_text().split()
+            pid, host, start = int(fields[0]), fields[1], (fields[2] if len(fields) > 2 else "-")
+        except OSError:
+            return None
+        except (ValueError, IndexError):  # empty or damaged: a worker writing it now, or a dead one's
+            try:
+                fresh = time.time() - path.stat().st_mtime < self.FRESH_S
+            except OSError:
+                return None
+            return "a worker writing its claim" if fresh else None
         if host != socket.gethostname():
-            return f"{pid} {host}"
+            return f"pid {pid} on {host}"
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return None
         except PermissionError:  # alive, another user's
             pass
-        return None if pid == os.getpid() else f"{pid} {host}"
+        if start != "-" and process_start(pid) != start:
+            return None  # the pid was reused (a reboot since, or another process)
+        return None if pid == os.getpid() else f"pid {pid} on {host}"
 
     def take(self, point: Point) -> str | None:
         """Claims the point for this worker. Returns None when taken, else the holder."""
@@ -401,7 +425,7 @@ def run_plan(points: list[Point], results: Results, runner: Runner, max_points: 
             break
         holder = claims.take(point)
         if holder is not None:
-            print(f"deep_dive: {point.file} is being run by another worker (pid {holder}); next", flush=True)
+            print(f"deep_dive: {point.file} is being run by another worker ({holder}); next", flush=True)
             elsewhere += 1
             continue
         try:
