@@ -50,17 +50,17 @@ def train_rows(got: dict, **match) -> list[dict]:
         if all(v[key] == val for key, val in match.items()):
             m = d["measured"]
             # a run continued from an earlier invocation (its cycles took longer than this one's wall time)
-            # mixes that invocation's seconds, possibly of other code: not "current"
+            # mixes that invocation's seconds, possibly of other code
             resumed = m.get("wall_s", 0) < d["result"].get("time_total_s", 0)
-            rows.append({**d["result"], "values": v, "commit": None if resumed else m.get("commit")})
+            rows.append({**d["result"], "values": v, "current_seconds": bool(m.get("commit")) and not resumed})
     return rows
 
 
 def mean_seconds(runs: list[dict], key: str) -> tuple[float, bool]:
-    """The mean of `key` (seconds) over the runs measured by code that records its commit (faiss's small
-    k-means on one thread: the time a user gets), else over all; and whether it fell back (an upper
+    """The mean of `key` (seconds) over the runs measured in one go by code that records its commit
+    (faiss's small k-means on one thread: the time a user gets), else over all; and whether it fell back (an upper
     bound: the earlier code spun faiss's threads on a shared core)."""
-    current = [r for r in runs if r.get("commit")]
+    current = [r for r in runs if r["current_seconds"]]
     return float(np.mean([r[key] for r in current or runs])), not current
 
 

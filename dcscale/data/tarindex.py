@@ -478,7 +478,8 @@ class IndexFile:
         `shard_id` when given. With digests, a row of a shard whose block does not match is an error
         (callers ask shard_ok first and read that shard's tar instead)."""
         if self._checked is not None:
-            owner = int(np.searchsorted(self._starts, index, side="right")) - 1
+            # (the readers pass the shard they located: no second search on this per-sample path)
+            owner = shard_id if shard_id is not None else int(np.searchsorted(self._starts, index, side="right")) - 1
             if not self.shard_ok(owner):
                 raise DataError(f"{self.path}: the rows of shard {owner} do not match their checksum (edited or "
                                 f"damaged; rebuild the index with `dcscale shards index`)")

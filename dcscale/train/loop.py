@@ -94,8 +94,7 @@ def run_training(cfg: Config) -> dict:
     if env.is_main:
         logger.close()
         print_summary(history, run_dir)
-        release_run_dir(run_dir)
-    return history[-1] if history else {}
+    return history[-1] if history else {}  # (train() lets go of the run directory)
 
 
 def new_labels(model, inputs: RunInputs, env, cfg: Config, state: RunState, run_dir: Path, gt_labels) -> bool:
