@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -139,12 +140,26 @@ def test_killed_run_resumes_to_the_uninterrupted_result(two_process_run, digits_
     np.testing.assert_array_equal(np.load(reference_dir / "labels.npy"), np.load(run_dir / "labels.npy"))
 
 
+def _open_files_under(folder: Path) -> list[str]:
+    """The files under `folder` this process holds open (its descriptors in /proc/self/fd)."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # (the descriptor listdir itself used)
+            continue
+        if target.startswith(str(folder) + os.sep):
+            held.append(target)
+    return held
+
+
 def test_nan_loss_stops_with_a_clear_message(digits_train_shards, tmp_path, capsys):
     # The message names the checkpoint a resume would start from, or says that there is none yet.
     for every_steps, left in ((1, f"the newest checkpoint, {tmp_path / 'nan1' / 'checkpoints' / 'last.pt'}, was "
                                   f"written before it"),
                               ("null", "no checkpoint was written yet, so a new run starts over")):
         run_dir = tmp_path / f"nan{every_steps}"
+        threads_before = threading.active_count()
         proc = dcscale(["train", "--config", CONFIG, *_overrides(digits_train_shards, run_dir, **{
             "train.lr": 1e30, "train.cycles": 1, "checkpoint.every_steps": every_steps})], capsys)
         assert proc.returncode == 2
@@ -155,6 +170,10 @@ def test_nan_loss_stops_with_a_clear_message(digits_train_shards, tmp_path, caps
         if (run_dir / ".lock").exists():  # the stopped run let go of its directory (flock: per open file)
             with open(run_dir / ".lock") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # ... and left no file open nor thread running behind it (TensorBoard's writer: a notebook would keep one
+        # per failed run until it exits)
+        assert not _open_files_under(run_dir)
+        assert threading.active_count() == threads_before, [t.name for t in threading.enumerate()]
 
 
 def test_nan_features_stop_before_clustering(digits_train_shards, tmp_path, capsys):

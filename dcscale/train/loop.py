@@ -78,21 +78,24 @@ def run_training(cfg: Config) -> dict:
               f"run dir {run_dir}", flush=True)
 
     history = []
-    while state.cycle < cfg.train.cycles:
-        cycle = state.cycle
-        if not state.clustered_this_cycle:  # (a run resumed mid-cycle has this cycle's labels and head)
-            clustered = new_labels(model, inputs, env, cfg, state, run_dir, gt_labels)
-            head_opt = new_head(model, env, cfg, state, clustered)
-        train_cycle(model, body_opt, head_opt, shards, inputs.train_tf, env, cfg, state, checkpointer)
-        history.append(log_cycle(model, inputs, env, cfg, state, run_dir, gt_labels, logger))
-        # The cycle is done: the next checkpoint position is the start of the next cycle.
-        state.cycle, state.epoch, state.step = cycle + 1, 0, 0
-        state.clustered_this_cycle = False
-        state.cycle_metrics = {}
-        checkpointer.save(model, body_opt, None, state)
+    try:
+        while state.cycle < cfg.train.cycles:
+            cycle = state.cycle
+            if not state.clustered_this_cycle:  # (a run resumed mid-cycle has this cycle's labels and head)
+                clustered = new_labels(model, inputs, env, cfg, state, run_dir, gt_labels)
+                head_opt = new_head(model, env, cfg, state, clustered)
+            train_cycle(model, body_opt, head_opt, shards, inputs.train_tf, env, cfg, state, checkpointer)
+            history.append(log_cycle(model, inputs, env, cfg, state, run_dir, gt_labels, logger))
+            # The cycle is done: the next checkpoint position is the start of the next cycle.
+            state.cycle, state.epoch, state.step = cycle + 1, 0, 0
+            state.clustered_this_cycle = False
+            state.cycle_metrics = {}
+            checkpointer.save(model, body_opt, None, state)
+    finally:  # also on a failure: an in-process caller would keep the event file and its writer thread
+        if logger is not None:
+            logger.close()
 
     if env.is_main:
-        logger.close()
         print_summary(history, run_dir)
     return history[-1] if history else {}  # (train() lets go of the run directory)
 
