@@ -61,6 +61,11 @@ def test_reproduction_continues_from_its_results_and_refuses_foreign_ones(tmp_pa
     assert ia["fingerprint"]["config"]["train.cycles"] == 2 and ia["fingerprint"]["train_data"]["n"] == 1437
     writeup = (tmp_path / "results.md").read_text()
     assert "| untrained (random init) |" in writeup and "pending" in writeup
+    # every network is probed twice: the protocol's settings, and the check probe at a tenth of its lr
+    untrained = json.loads((tmp_path / "results" / "untrained" / "untrained_seed0.json").read_text())["result"]
+    assert untrained["probe"]["settings"]["lr"] == 0.01 and untrained[ddp.CHECK_KEY]["settings"]["lr"] == ddp.CHECK_LR
+    assert 0 < untrained[ddp.CHECK_KEY]["top1"] <= 1
+    assert f"check probe, lr {ddp.CHECK_LR}" in writeup and "Over 1 networks the check probe minus" in writeup
 
     # 2. the next session (only the files are left) skips them and runs the next point of the plan
     import shutil
@@ -73,6 +78,27 @@ def test_reproduction_continues_from_its_results_and_refuses_foreign_ones(tmp_pa
     row = json.loads(trained.read_text())["result"]
     assert row["cycles"] == 2 and row["clustering_cycles"] == 2 and 0 < row["probe"]["top1"] <= 1
     assert row["time_total_s"] > 0 and len(row["nmi_gt"]) == 2
+    check = row[ddp.CHECK_KEY]
+    assert check["settings"]["lr"] == ddp.CHECK_LR and check["layer"] == row["probe"]["layer"]
+
+    # 2b. a point measured before the check probe existed gets it from its run's checkpoint (the same numbers),
+    # and one whose run directory is elsewhere is named and keeps its result
+    data = json.loads(trained.read_text())
+    del data["result"][ddp.CHECK_KEY]
+    trained.write_text(json.dumps(data))
+    added = tool(tmp_path, "--max-points", "0")
+    assert added.returncode == 0, added.stderr[-2000:]
+    assert "added the check probe (lr 0.001) to train/k5_halt-never_pca-none_seed0.json" in added.stdout
+    assert json.loads(trained.read_text())["result"] == row
+    trained.write_text(json.dumps(data))
+    run_dir = tmp_path / "runs" / "train" / "k5_halt-never_pca-none_seed0"
+    run_dir.rename(tmp_path / "elsewhere")
+    gone = tool(tmp_path, "--max-points", "0")
+    assert gone.returncode == 0, gone.stderr[-2000:]
+    assert "1 finished point(s) have no check probe and their networks are not in" in gone.stdout
+    assert json.loads(trained.read_text()) == data
+    assert "1 finished network(s) have no check probe yet" in (tmp_path / "results.md").read_text()
+    (tmp_path / "elsewhere").rename(run_dir)
 
     # 3. a run that died: its JSON was never written and its last checkpoint is damaged; the point is run
     # again and gives the same numbers (nothing half-done is tabulated)

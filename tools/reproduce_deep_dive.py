@@ -579,6 +579,7 @@ def points_main(args) -> int:
             runner = ddp.Runner(config, data, runs, common, probe_args(sizes), nproc=args.nproc,
                                 env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
             until = time.time() + 3600 * args.hours if args.hours else None
+            ddp.add_check_probes(points, results, runner, until)
             ran, missing = ddp.run_plan(points, results, runner, args.max_points, until)
         else:
             ran, missing = 0, sum(1 for pt in points if results.load(pt) is None)
