@@ -65,7 +65,9 @@ def test_reproduction_continues_from_its_results_and_refuses_foreign_ones(tmp_pa
     untrained = json.loads((tmp_path / "results" / "untrained" / "untrained_seed0.json").read_text())["result"]
     assert untrained["probe"]["settings"]["lr"] == 0.01 and untrained[ddp.CHECK_KEY]["settings"]["lr"] == ddp.CHECK_LR
     assert 0 < untrained[ddp.CHECK_KEY]["top1"] <= 1
+    assert all(0 < untrained[key]["train_top1"] <= 1 for key in ("probe", ddp.CHECK_KEY))
     assert f"check probe, lr {ddp.CHECK_LR}" in writeup and "Over 1 networks the check probe minus" in writeup
+    assert "| verdict, better-fitting probe |" in writeup
 
     # 2. the next session (only the files are left) skips them and runs the next point of the plan
     import shutil
@@ -85,6 +87,7 @@ def test_reproduction_continues_from_its_results_and_refuses_foreign_ones(tmp_pa
     # and one whose run directory is elsewhere is named and keeps its result
     data = json.loads(trained.read_text())
     del data["result"][ddp.CHECK_KEY]
+    del data["result"]["probe"]["train_top1"]  # (nor had results the probes' train top-1: read back from the run)
     trained.write_text(json.dumps(data))
     added = tool(tmp_path, "--max-points", "0")
     assert added.returncode == 0, added.stderr[-2000:]

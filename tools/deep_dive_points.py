@@ -323,8 +323,20 @@ class Runner:
 def probe_numbers(path: Path) -> dict:
     report = json.loads(path.read_text())
     (layer, res), = report["layers"].items()
-    return {"layer": layer, "top1": res["top1"], "top5": res.get("top5"), "protocol": report.get("protocol"),
-            "settings": report.get("settings")}
+    return {"layer": layer, "top1": res["top1"], "top5": res.get("top5"), "train_top1": res.get("train_top1"),
+            "protocol": report.get("protocol"), "settings": report.get("settings")}
+
+
+def with_train_top1(result: dict, work: Path) -> dict:
+    """`result` with its probes' train top-1 read back from their JSON in the run directory where it predates
+    that field (and the file still holds the same probe)."""
+    out = dict(result)
+    for key, name in (("probe", "probe.json"), (CHECK_KEY, f"{CHECK_KEY}.json")):
+        if out.get(key) and out[key].get("train_top1") is None and (work / name).exists():
+            found = probe_numbers(work / name)
+            if found["top1"] == out[key]["top1"]:
+                out[key] = {**out[key], "train_top1": found["train_top1"]}
+    return out
 
 
 def run_numbers(run_dir: Path) -> dict:
@@ -437,13 +449,18 @@ class Claims:
 
 
 def add_check_probes(points: list[Point], results: Results, runner: Runner, until: float | None = None) -> int:
-    """Adds the check probe to finished points measured before it existed, where their network is still here
-    (the run's last checkpoint under RUNS; an untrained network comes back from its seed); a point held by
-    another worker is left to it. Returns how many were added."""
+    """Completes finished points measured before the check probe existed, where their network is still here
+    (the run's last checkpoint under RUNS; an untrained network comes back from its seed): the check probe,
+    and the probes' train top-1 (read back from their JSON). A point held by another worker is left to it.
+    Returns how many were completed."""
+    def complete(result: dict) -> bool:
+        return result.get(CHECK_KEY) is not None and all(
+            result[key].get("train_top1") is not None for key in ("probe", CHECK_KEY))
+
     claims, added, gone = Claims(runner.runs), 0, []
     for point in points:
         data = results.load(point) if point.kind != "ia" else None
-        if data is None or data["result"].get(CHECK_KEY) is not None:
+        if data is None or complete(data["result"]):
             continue
         if until is not None and time.time() > until:
             break
@@ -451,18 +468,24 @@ def add_check_probes(points: list[Point], results: Results, runner: Runner, unti
             continue
         try:
             data = results.load(point)  # (again, under the claim)
-            if data["result"].get(CHECK_KEY) is not None:
+            result = data["result"]
+            if complete(result):
                 continue
-            numbers = runner.check_probe(point)
-            if numbers is None:
-                gone.append(point.name)
-                continue
-            shutil.rmtree(runner.runs / point.kind / point.name / "probe_cache", ignore_errors=True)
-            results.save(point, {**data["result"], CHECK_KEY: numbers}, data["measured"])
-            added += 1
-            print(f"deep_dive: added the check probe (lr {CHECK_LR}) to {point.file}: top-1 "
-                  f"{100 * numbers['top1']:.2f}% (the protocol's: {100 * data['result']['probe']['top1']:.2f}%)",
-                  flush=True)
+            work = runner.runs / point.kind / point.name
+            if result.get(CHECK_KEY) is None:
+                numbers = runner.check_probe(point)
+                if numbers is None:
+                    gone.append(point.name)
+                    continue
+                shutil.rmtree(work / "probe_cache", ignore_errors=True)
+                result = {**result, CHECK_KEY: numbers}
+                print(f"deep_dive: added the check probe (lr {CHECK_LR}) to {point.file}: top-1 "
+                      f"{100 * numbers['top1']:.2f}% (the protocol's: {100 * result['probe']['top1']:.2f}%)",
+                      flush=True)
+            result = with_train_top1(result, work)
+            if result != data["result"]:
+                results.save(point, result, data["measured"])
+                added += 1
         finally:
             claims.release(point)
     if gone:
