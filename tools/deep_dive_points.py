@@ -253,7 +253,7 @@ class Runner:
             raise ResultsError(f"`dcscale {' '.join(args[:1])}` failed (exit {code}); see the end of {log}")
 
     def run(self, point: Point) -> dict:
-        work = self.runs / point.kind / point.name
+        work = self.work_dir(point)
         log = work.parent / f"{point.name}.log"
         v = point.v
         if point.kind == "ia":
@@ -287,17 +287,17 @@ class Runner:
             self._must(train, log, distributed=True)
         return self._probes(point, run_numbers(work))
 
+    def work_dir(self, point: Point) -> Path:
+        return self.runs / point.kind / point.name
+
     def _probes(self, point: Point, numbers: dict) -> dict:
         """The point's result: its probe (the plan's protocol), the check probe and `numbers`."""
-        work = self.runs / point.kind / point.name
-        result = {"probe": self._probe(point, "probe.json"), **numbers, CHECK_KEY: self.check_probe(point)}
-        shutil.rmtree(work / "probe_cache", ignore_errors=True)  # tens of MB per run; the JSON keeps the numbers
-        return result
+        return {"probe": self._probe(point, "probe.json"), **numbers, CHECK_KEY: self.check_probe(point)}
 
     def _probe(self, point: Point, json_name: str, extra: tuple[str, ...] = ()) -> dict:
         """`dcscale probe` of the point's network (its run's last checkpoint, or the untrained network of its
         seed); the feature cache next to the JSON serves every probe of the point."""
-        work = self.runs / point.kind / point.name
+        work = self.work_dir(point)
         log = work.parent / f"{point.name}.log"
         if point.kind == "untrained":
             network, tail = ["--random-init", "--config", str(self.config), "--seed", str(point.v["seed"])], self.common
@@ -312,9 +312,13 @@ class Runner:
         """The same probe at a tenth of the learning rate, or None when the point's network is gone (its run
         directory is on another machine). The authors' lr (0.01, momentum 0.9, unstandardised features)
         oscillates on some networks: a Fashion-MNIST run probed 66.7% at it and 83.8% at 0.001."""
-        if point.kind != "untrained" and not (self.runs / point.kind / point.name / "checkpoints" / "last.pt").exists():
+        work = self.work_dir(point)
+        if point.kind != "untrained" and not (work / "checkpoints" / "last.pt").exists():
             return None
-        return self._probe(point, f"{CHECK_KEY}.json", ("--lr", str(CHECK_LR)))
+        numbers = self._probe(point, f"{CHECK_KEY}.json", ("--lr", str(CHECK_LR)))
+        # the point's last probe: its feature cache (tens of MB) goes, the JSONs keep the numbers
+        shutil.rmtree(work / "probe_cache", ignore_errors=True)
+        return numbers
 
     def classes(self) -> int:
         return int(json.loads((self.data / "train" / "manifest.json").read_text())["num_classes"])
@@ -471,18 +475,16 @@ def add_check_probes(points: list[Point], results: Results, runner: Runner, unti
             result = data["result"]
             if complete(result):
                 continue
-            work = runner.runs / point.kind / point.name
             if result.get(CHECK_KEY) is None:
                 numbers = runner.check_probe(point)
                 if numbers is None:
                     gone.append(point.name)
                     continue
-                shutil.rmtree(work / "probe_cache", ignore_errors=True)
                 result = {**result, CHECK_KEY: numbers}
                 print(f"deep_dive: added the check probe (lr {CHECK_LR}) to {point.file}: top-1 "
                       f"{100 * numbers['top1']:.2f}% (the protocol's: {100 * result['probe']['top1']:.2f}%)",
                       flush=True)
-            result = with_train_top1(result, work)
+            result = with_train_top1(result, runner.work_dir(point))
             if result != data["result"]:
                 results.save(point, result, data["measured"])
                 added += 1
