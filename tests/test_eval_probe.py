@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_in_process import run_in_process
 
 from dcscale.cli import main
 from dcscale.config import config_to_dict, load_config
@@ -16,7 +17,7 @@ from dcscale.data.build import write_shard_set
 from dcscale.data.converters import SourceData
 from dcscale.errors import DcscaleError
 from dcscale.eval.features import pool_flatten, pool_size
-from dcscale.eval.probe_classifier import ProbeSettings, _lr_at, train_linear_probe
+from dcscale.eval.probe_classifier import ProbeSettings, _lr_at, settle_numbers, train_linear_probe
 from dcscale.eval.probe_protocols import (ProbeTrainTransform, TenCropTransform, deepcluster_layers, deepcluster_pool,
                                           deepdive_features, deepdive_layers, protocol_settings)
 from dcscale.models import build_model, build_model_from_config
@@ -96,6 +97,37 @@ def test_linear_probe_classifier_directly():
     shuffled = rng.permutation(y)
     res = train_linear_probe(x[:300], shuffled[:300], x[300:], shuffled[300:], ProbeSettings(epochs=10))
     assert res["top1"] < 0.45  # chance 0.25
+
+
+def test_settle_check_rule():
+    # the final weights' train loss against the best epoch's mean batch loss: 10% and 0.05 nats of slack
+    assert settle_numbers([1.2, 1.0, 1.05], 1.09)["settled"]
+    assert not settle_numbers([1.2, 1.0, 1.05], 1.15)["settled"]
+    assert settle_numbers([0.05, 0.02, 0.03], 0.06)["settled"]  # 3x, but near zero: a separable set
+    assert not settle_numbers([0.05, 0.02, 0.03], 0.08)["settled"]
+    assert settle_numbers([0.5, 0.4], 0.41) == {"epoch_losses": [0.5, 0.4], "train_loss": 0.41, "settled": True}
+
+
+def test_probe_that_does_not_settle_says_so(digits_train_shards, digits_test_shards, tmp_path, capsys):
+    # A learning rate far too high for the features: SGD bounces and stops at a bad point of the bounce
+    # (the Deep Dive probe does this on some Fashion-MNIST networks). One warning line says so and what to
+    # try; the probe's own numbers are still reported.
+    argv = ["probe", "--train", str(digits_train_shards), "--test", str(digits_test_shards), "--layer", "pixels",
+            "--workers", "0", "--epochs", "5", "--schedule", "constant"]
+    bouncing = run_in_process(main, [*argv, "--lr", "100", "--json", str(tmp_path / "hi.json")], capsys)
+    assert bouncing.returncode == 0, bouncing.stderr
+    warned = [line for line in bouncing.stderr.splitlines() if "did not settle" in line]
+    assert len(warned) == 1 and warned[0].startswith("dcscale: WARNING: probe pixels:")
+    assert "lower --lr (e.g. 10)" in warned[0] and "higher train top-1" in warned[0]
+    assert "probe pixels: top1" in bouncing.stdout
+    res = json.loads((tmp_path / "hi.json").read_text())["layers"]["pixels"]
+    assert not res["settled"] and len(res["epoch_losses"]) == 5
+    assert res["train_loss"] > 1.1 * min(res["epoch_losses"])
+
+    settled = run_in_process(main, [*argv, "--lr", "0.1", "--json", str(tmp_path / "lo.json")], capsys)
+    assert settled.returncode == 0 and "did not settle" not in settled.stderr
+    low = json.loads((tmp_path / "lo.json").read_text())["layers"]["pixels"]
+    assert low["settled"] and low["train_top1"] > res["train_top1"]
 
 
 def test_pool_to_about_pool_dim():
@@ -245,6 +277,7 @@ def test_deepdive_protocol_on_digits(digits_train_shards, digits_test_shards, tm
     assert report["pool_dim"] is None and report["augmentation"].startswith("none")
     assert list(report["layers"]) == ["conv2"] and report["layers"]["conv2"]["dim"] == 1600
     assert report["layers"]["conv2"]["top1"] > 0.8  # chance is 0.1
+    assert report["layers"]["conv2"]["settled"]  # (the authors' rate suits this untrained network)
     assert "protocol deepdive" in out.strip().splitlines()[-1]
 
     # --hflip (their FMNIST jobs): the network runs on every flipped batch; --epochs overrides 20.

@@ -39,6 +39,9 @@ def _same_numbers(one: dict, two: dict) -> None:
         a, b = one[layer], two[layer]
         assert abs(a["top1"] - b["top1"]) <= 1 / N_TEST + 1e-12
         assert abs(a["top5"] - b["top5"]) <= 1 / N_TEST + 1e-12
+        if "epoch_losses" in a:  # the settle check sees the same losses (every rank's rows)
+            assert np.allclose(a["epoch_losses"], b["epoch_losses"], rtol=1e-4)
+            assert abs(a["train_loss"] - b["train_loss"]) <= 1e-4 * a["train_loss"] and a["settled"] == b["settled"]
         sizes = (a["dim"], a["train_n"], a["test_n"])
         assert sizes == (b["dim"], b["train_n"], b["test_n"]) == (a["dim"], N_TRAIN, N_TEST)
 

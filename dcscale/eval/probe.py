@@ -21,7 +21,9 @@ up to float rounding.
 
 Each protocol's numbers and the reference lines they come from are in REFERENCE_SETTINGS
 (`probe_protocols`) and in docs/evaluation.md. Reports top-1/top-5 on the test set, one line per layer,
-and a JSON file that records the protocol and every setting it ran with.
+and a JSON file that records the protocol and every setting it ran with. A probe on extracted features
+whose SGD did not settle (the Deep Dive's learning rate bounces on some networks) gets a one-line warning
+that says so and what to try (`probe_classifier.unsettled_warning`).
 
     dcscale probe --checkpoint runs/x/checkpoints/last.pt --train data/t --test data/v --layer all
     dcscale probe --protocol deepdive --checkpoint runs/x/checkpoints/last.pt --train data/t --test data/v
@@ -36,6 +38,7 @@ settings, layers, features and images in `probe_protocols`, the fast protocol's 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, replace
@@ -47,7 +50,8 @@ from dcscale.config import Config, load_config
 from dcscale.cycle import network
 from dcscale.errors import DcscaleError
 from dcscale.eval.probe_cache import cache_paths, layer_features, source_key
-from dcscale.eval.probe_classifier import SCHEDULES, ProbeSettings, train_linear_probe, train_probe_online
+from dcscale.eval.probe_classifier import (SCHEDULES, ProbeSettings, train_linear_probe, train_probe_online,
+                                           unsettled_warning)
 from dcscale.eval.probe_protocols import PROTOCOLS, plan_protocol, protocol_settings
 from dcscale.outputs import output_dir, output_file, writing
 
@@ -213,6 +217,9 @@ def run(args) -> int:
                 results[layer] = res
                 if env.is_main:
                     _print_layer(layer, res)
+                    warning = unsettled_warning(layer, res, settings.lr)
+                    if warning:
+                        logging.getLogger("dcscale").warning("%s", warning)
 
         if env.is_main:
             report = {

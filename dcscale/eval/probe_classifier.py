@@ -81,6 +81,13 @@ class LinearClassifier:
                                    weight_decay=settings.weight_decay)
         self.loss_fn = nn.CrossEntropyLoss()
         self.iteration = 0
+        self.loss_sum = torch.zeros((), device=device)  # the summed loss of this epoch's batches (all ranks')
+        self.epoch_losses: list[float] = []  # each epoch's mean batch loss over the train set
+
+    def end_epoch(self, rows: int) -> None:
+        """Records the epoch's mean loss over its `rows` train rows (every rank's)."""
+        self.epoch_losses.append(float(self.loss_sum) / max(rows, 1))
+        self.loss_sum.zero_()
 
     def step(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor:
         """One SGD step on (x, y); returns the logits (for the references' running train accuracy)."""
@@ -88,6 +95,7 @@ class LinearClassifier:
             group["lr"] = _lr_at(self.settings, epoch, self.iteration)
         logits = self.linear(x)
         loss = self.loss_fn(logits, y)
+        self.loss_sum += loss.detach() * len(y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -97,19 +105,22 @@ class LinearClassifier:
     def step_shared(self, x: torch.Tensor, y: torch.Tensor, epoch: int) -> torch.Tensor | None:
         """One SGD step on a batch split over ranks, this rank holding rows (x, y) of it (maybe none).
         The gradient of the batch's mean loss is the sum over ranks of each rank's summed-loss gradient,
-        over the batch's row count: one all-reduce of D x C + C + 1 floats (the count rides along).
+        over the batch's row count: one all-reduce of D x C + C + 2 floats (the count and the summed loss
+        ride along).
         Every rank then takes the same step, so the classifiers stay equal. Returns this rank's logits;
         None (no step) when no rank had a row, as `step`'s callers skip an empty batch."""
         from dcscale import dist
 
         logits = self.linear(x)
         self.opt.zero_grad(set_to_none=False)
-        F.cross_entropy(logits, y, reduction="sum").backward()
+        loss_here = F.cross_entropy(logits, y, reduction="sum")
+        loss_here.backward()
         params = list(self.linear.parameters())
         rows_here = torch.tensor([float(len(y))], device=logits.device)
-        packed = torch.cat([p.grad.reshape(-1) for p in params] + [rows_here])
+        packed = torch.cat([p.grad.reshape(-1) for p in params] + [rows_here, loss_here.detach().reshape(1)])
         dist.all_reduce_tensor_(packed)
-        rows = float(packed[-1])
+        rows = float(packed[-2])
+        self.loss_sum += packed[-1]
         if rows == 0:
             return None
         offset = 0
@@ -121,6 +132,37 @@ class LinearClassifier:
         self.opt.step()
         self.iteration += 1
         return logits.detach()
+
+
+# A probe "did not settle" when its final weights fit the train set clearly worse than its SGD's iterates
+# did on average over its best epoch: the iterates bounce (the learning rate is too high for the features'
+# scale) and training stopped at a bad point of the bounce. On 40 Fashion-MNIST networks under the Deep
+# Dive probe (lr 0.01, unstandardised), the final loss was 0.72-1.04x the best epoch's (at most 0.019 nats
+# above it) on 35, and 1.15-2.33x (0.069-2.7 nats above) on 5, whose test top-1 was 3.2-17.0 points under
+# the same network's at lr 0.001 (docs/evaluation.md). The floor in nats keeps near-zero losses (a
+# separable set) from tripping the ratio.
+UNSETTLED_LOSS_RATIO = 1.1
+UNSETTLED_LOSS_FLOOR = 0.05
+
+
+def settle_numbers(epoch_losses: list[float], train_loss: float) -> dict:
+    """The settle check's numbers for a probe's result: each epoch's mean batch loss, the final weights'
+    loss over the train set, and whether it stayed near the best epoch's (UNSETTLED_LOSS_RATIO times it,
+    or UNSETTLED_LOSS_FLOOR nats above it)."""
+    best = min(epoch_losses)
+    settled = train_loss <= max(UNSETTLED_LOSS_RATIO * best, best + UNSETTLED_LOSS_FLOOR)
+    return {"epoch_losses": [round(v, 5) for v in epoch_losses], "train_loss": round(train_loss, 5),
+            "settled": bool(settled)}
+
+
+def unsettled_warning(layer: str, res: dict, lr: float) -> str | None:
+    """One line for a probe that did not settle (None when it did, or its result has no settle check)."""
+    if res.get("settled", True):
+        return None
+    return (f"probe {layer}: the classifier did not settle: its final train loss {res['train_loss']:.3f} is "
+            f"{res['train_loss'] / min(res['epoch_losses']):.1f}x its best epoch's mean {min(res['epoch_losses']):.3f} "
+            f"(SGD bounces at lr {lr:g} on these features), so its top-1 may be several points low; probe again "
+            f"with a lower --lr (e.g. {lr / 10:g}) and keep the probe with the higher train top-1")
 
 
 def train_linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
@@ -147,8 +189,10 @@ def train_linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndar
         for start in range(0, len(y), settings.batch_size):
             batch = order[start:start + settings.batch_size]
             clf.step(x[batch], y[batch], epoch)
+        clf.end_epoch(len(y))
     with torch.no_grad():
         train_logits, test_logits = clf.linear(x), clf.linear(xt)
+        train_loss = float(F.cross_entropy(train_logits, y))
     return {
         "top1": topk_accuracy(test_logits, yt, 1),
         "top5": topk_accuracy(test_logits, yt, 5),
@@ -157,6 +201,7 @@ def train_linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndar
         "train_n": int(len(y)),
         "test_n": int(len(yt)),
         "num_classes": int(num_classes),
+        **settle_numbers(clf.epoch_losses, train_loss),
     }
 
 
@@ -210,9 +255,12 @@ def train_linear_probe_ranks(train_x: np.ndarray, train_y: np.ndarray, test_x: n
             batch = order[start:start + settings.batch_size]
             mine = batch[(batch >= offset) & (batch < offset + len(y))] - offset
             clf.step_shared(x[mine], y[mine], epoch)
+        clf.end_epoch(n)
     with torch.no_grad():
         train_logits, test_logits = clf.linear(x), clf.linear(xt)
-    hits = dist.all_reduce_sum([_hits(test_logits, yt, 1), _hits(test_logits, yt, 5), _hits(train_logits, y, 1)])
+        loss_here = float(F.cross_entropy(train_logits, y, reduction="sum")) if len(y) else 0.0
+    hits = dist.all_reduce_sum([_hits(test_logits, yt, 1), _hits(test_logits, yt, 5), _hits(train_logits, y, 1),
+                                loss_here])
     return {
         "top1": hits[0] / sum(test_counts),
         "top5": hits[1] / sum(test_counts),
@@ -222,6 +270,7 @@ def train_linear_probe_ranks(train_x: np.ndarray, train_y: np.ndarray, test_x: n
         "test_n": sum(test_counts),
         "num_classes": int(num_classes),
         "feature_rows_by_rank": {"train": train_counts, "test": test_counts},
+        **settle_numbers(clf.epoch_losses, hits[3] / n),
     }
 
 
