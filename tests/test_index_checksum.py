@@ -15,10 +15,11 @@ import pytest
 
 from dcscale.data.build import build_digits, index_tars
 from dcscale.data.shardset import ShardSet
+from dcscale.errors import DataError
 
 SAMPLES_PER_SHARD = 100  # digits train: 1437 samples -> 15 shards
 DAMAGED_SHARD = 3
-NEW_KEYS = ("index_shard_digests", "index_shard_digests_sha256", "index_label_range")
+NEW_KEYS = ("index_shard_digests", "index_shard_digests_sha256", "index_shard_counts_sha256", "index_label_range")
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +81,23 @@ def test_an_open_reads_none_of_the_index(built, tmp_path):
     before = _bytes_read()
     shards = ShardSet(built)  # verify=True: every tar's size, the manifest's class count against the labels
     opened = _bytes_read() - before
-    # the manifest, the index header, the first and last row of each shard and 32 bytes a shard of digests
+    # the manifest, the index header and 32 bytes a shard of digests: no row of the index
     assert shards.used_index_file and opened < index_size / 4, (opened, index_size)
+
+    # Nothing an open reads grows with the shards but the manifest and the digests (100k shards would
+    # otherwise be 200k reads of rows at every open of every rank): the same images in 4x as many shards.
+    finer = tmp_path / "finer"
+    build_digits(finer, split="train", samples_per_shard=SAMPLES_PER_SHARD // 4)
+    ShardSet(finer).labels()
+    before = _bytes_read()
+    assert ShardSet(finer).num_shards > 3 * shards.num_shards
+    opened_finer = _bytes_read() - before
+
+    def listing_bytes(root):
+        return sum((root / name).stat().st_size for name in ("manifest.json", "index.sha256"))
+
+    grown = (opened_finer - opened) - (listing_bytes(finer) - listing_bytes(built))
+    assert abs(grown) < 32, (opened_finer, opened)  # under one row (~54 bytes); the rows were 2 a shard
 
     before = _bytes_read()
     shards.read_bytes(_shard_rows(built, DAMAGED_SHARD).start + 5)
@@ -201,4 +217,35 @@ def test_both_builds_record_each_shards_digest(built, tmp_path):
         expected = b"".join(hashlib.sha256(rows[_shard_rows(root, s).start:_shard_rows(root, s).stop].tobytes())
                             .digest() for s in range(len(tars)))
         assert data == expected and len(data) == 32 * len(tars)
+        counts = np.diff([_shard_rows(root, s).start for s in range(len(tars))] + [len(rows)])
+        assert extra["index_shard_counts_sha256"] == hashlib.sha256(counts.astype("<i8").tobytes()).hexdigest()
         assert ShardSet(root).used_index_file
+
+
+def _shift_one_sample(root: Path, drop: tuple[str, ...] = ()) -> None:
+    """The manifest says shard 0 holds one sample fewer and shard 1 one more (total unchanged)."""
+    raw = json.loads((root / "manifest.json").read_text())
+    raw["shards"][0]["count"] -= 1
+    raw["shards"][1]["count"] += 1
+    for key in drop:
+        raw["extra"].pop(key)
+    (root / "manifest.json").write_text(json.dumps(raw))
+
+
+def test_edited_shard_counts_are_found_at_open(built, tmp_path, caplog):
+    # The open reads no index row, yet counts changed in the manifest still fail the open, before any
+    # training: their digest (from the manifest alone) differs, so the tars' headers are read instead.
+    root = _copy(built, tmp_path / "set")
+    _shift_one_sample(root)
+    caplog.clear()
+    with pytest.raises(DataError, match=rf"shard-000000\.tar: holds {SAMPLES_PER_SHARD} samples but .*says "
+                                        rf"{SAMPLES_PER_SHARD - 1}"):
+        ShardSet(root)
+    (warning,) = _index_warnings(caplog)
+    assert "manifest.json lists other shard counts than index.npy was built for" in warning
+
+    # a set built before the counts' digest: each shard's first and last rows place it, as before
+    previous = _copy(built, tmp_path / "previous")
+    _shift_one_sample(previous, drop=("index_shard_counts_sha256",))
+    with pytest.raises(DataError, match=rf"holds {SAMPLES_PER_SHARD} samples but"):
+        ShardSet(previous)

@@ -2,12 +2,13 @@
 
 `ShardSet(root)` checks the manifest against the tars up front so a bad shard set fails before any
 training starts. With the sidecar `index.npy` that builds write (offsets and labels of every sample),
-opening costs one stat per tar (present, recorded size), the first and last index row of each shard,
-and, for sets built since the index carries a digest per shard and the label range, no other read of
-the index (each shard's rows are checked against their digest when a process first reads them; older
-sets get the whole index hashed and their label column read, labels that disagree with the
-manifest's class count being an error); without it (or when stale), every tar's headers are scanned
-(readable to the end, sample count) and their offsets kept in memory.
+opening costs one stat per tar (present, recorded size) and, for sets built since the index carries a
+digest per shard, the digest of the shard counts and the label range, no read of the index's rows (each
+shard's rows are checked against their digest when a process first reads them; sets without the counts'
+digest get each shard's first and last index row read; older sets get the whole index hashed and their
+label column read, labels that disagree with the manifest's class count being an error); without it (or
+when stale), every tar's headers are scanned (readable to the end, sample count) and their offsets kept
+in memory.
 `read(i)` is then one `pread` of the sample's index row, one of the image bytes, and a decode: a
 process holds none of the index, and at most `max_open_files` tars open (least recently used closed
 first). Descriptors are opened lazily and not pickled, so one ShardSet can be handed to DataLoader
@@ -31,7 +32,7 @@ from PIL import Image
 
 from dcscale.data.manifest import MANIFEST_NAME, Manifest, load_manifest, manifest_path
 from dcscale.data.tarindex import (DIGEST_SIZE, IMAGE_EXTS, IndexFile, TarIndex, file_sha256, parse_label, read_labels,
-                                   scan_tar)
+                                   scan_tar, shard_counts_sha256)
 from dcscale.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -243,7 +244,15 @@ class ShardSet:
                                 "the tars' headers instead (rebuild it with `dcscale shards index`)", self.root, name,
                                 MANIFEST_NAME)
                     return None
-                return IndexFile(path, self.manifest.shard_starts(), shard_digests)
+                counts_digest = self.manifest.extra.get("index_shard_counts_sha256")
+                if shard_digests is not None and counts_digest is not None and \
+                        counts_digest != shard_counts_sha256([s.count for s in self.manifest.shards]):
+                    log.warning("%s: %s lists other shard counts than %s was built for (edited or damaged); not used: "
+                                "reading the tars' headers instead", self.root, MANIFEST_NAME, name)
+                    return None
+                # with digests and the counts checked, an open reads no row of the index
+                return IndexFile(path, self.manifest.shard_starts(), shard_digests,
+                                 check_placement=shard_digests is None or counts_digest is None)
         except (OSError, ValueError):
             pass
         log.info("%s: sidecar index missing or stale, scanning the tars", self.root)
