@@ -44,6 +44,7 @@ def main() -> int:
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from dcscale.data.shardset import ShardSet
+    from dcscale.data.tarindex import SHARD_COUNTS_KEY
 
     root = args.shards
     if root is None:
@@ -59,7 +60,7 @@ def main() -> int:
         "root": str(root), "n": len(shards), "shards": shards.num_shards,
         "index_bytes": (root / shards.manifest.extra["index_file"]).stat().st_size,
         "per_shard_digests": "index_shard_digests" in shards.manifest.extra,
-        "counts_digest": COUNTS_KEY in shards.manifest.extra,
+        "counts_digest": SHARD_COUNTS_KEY in shards.manifest.extra,
         "open_s": min(s for _, s, _ in opens), "open_bytes": opens[-1][2],
         "first_read_s": read_s, "first_read_bytes": read_bytes, "labels_s": labels_s, "labels_bytes": labels_bytes,
     }
@@ -73,12 +74,11 @@ def main() -> int:
     return 0
 
 
-COUNTS_KEY = "index_shard_counts_sha256"
-
-
 def view_without_counts_digest(root: Path, view: Path) -> Path:
     """The same set as one built before the counts' digest: links to its files, its manifest without the key."""
     import shutil
+
+    from dcscale.data.tarindex import SHARD_COUNTS_KEY
 
     shutil.rmtree(view, ignore_errors=True)
     view.mkdir(parents=True)
@@ -86,7 +86,7 @@ def view_without_counts_digest(root: Path, view: Path) -> Path:
         if path.name != "manifest.json":
             (view / path.name).symlink_to(path.resolve())
     manifest = json.loads((root / "manifest.json").read_text())
-    del manifest["extra"][COUNTS_KEY]
+    del manifest["extra"][SHARD_COUNTS_KEY]
     (view / "manifest.json").write_text(json.dumps(manifest))
     return view
 

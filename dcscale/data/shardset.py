@@ -31,8 +31,8 @@ import numpy as np
 from PIL import Image
 
 from dcscale.data.manifest import MANIFEST_NAME, Manifest, load_manifest, manifest_path
-from dcscale.data.tarindex import (DIGEST_SIZE, IMAGE_EXTS, IndexFile, TarIndex, file_sha256, parse_label, read_labels,
-                                   scan_tar, shard_counts_sha256)
+from dcscale.data.tarindex import (DIGEST_SIZE, IMAGE_EXTS, SHARD_COUNTS_KEY, IndexFile, TarIndex, file_sha256,
+                                   parse_label, read_labels, scan_tar, shard_counts_sha256)
 from dcscale.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -244,15 +244,14 @@ class ShardSet:
                                 "the tars' headers instead (rebuild it with `dcscale shards index`)", self.root, name,
                                 MANIFEST_NAME)
                     return None
-                counts_digest = self.manifest.extra.get("index_shard_counts_sha256")
-                if shard_digests is not None and counts_digest is not None and \
-                        counts_digest != shard_counts_sha256([s.count for s in self.manifest.shards]):
+                counts_digest = self.manifest.extra.get(SHARD_COUNTS_KEY)
+                counts_checked = shard_digests is not None and counts_digest is not None
+                if counts_checked and counts_digest != shard_counts_sha256([s.count for s in self.manifest.shards]):
                     log.warning("%s: %s lists other shard counts than %s was built for (edited or damaged); not used: "
                                 "reading the tars' headers instead", self.root, MANIFEST_NAME, name)
                     return None
                 # with digests and the counts checked, an open reads no row of the index
-                return IndexFile(path, self.manifest.shard_starts(), shard_digests,
-                                 check_placement=shard_digests is None or counts_digest is None)
+                return IndexFile(path, self.manifest.shard_starts(), shard_digests, check_placement=not counts_checked)
         except (OSError, ValueError):
             pass
         log.info("%s: sidecar index missing or stale, scanning the tars", self.root)

@@ -326,6 +326,7 @@ INDEX_FILE = "index.npy"
 # its own sha256 is in the manifest, so every rank parses 64 characters there, not a digest a shard
 INDEX_DIGESTS_FILE = "index.sha256"
 DIGEST_SIZE = 32
+SHARD_COUNTS_KEY = "index_shard_counts_sha256"  # the manifest's `extra` entry of shard_counts_sha256
 _FIELDS = ("shard", "key", "image_offset", "image_size", "image_ext", "label_offset", "label_size", "label")
 
 
@@ -365,7 +366,7 @@ def save_index(directory: str | Path, indexes: list[TarIndex], labels: list[np.n
     label_range = [int(rows["label"].min()), int(rows["label"].max())] if len(rows) else None
     return {"index_file": INDEX_FILE, "index_file_size": path.stat().st_size, "index_file_sha256": file_sha256(path),
             "index_shard_digests": INDEX_DIGESTS_FILE, "index_shard_digests_sha256": hashlib.sha256(digests).hexdigest(),
-            "index_shard_counts_sha256": shard_counts_sha256([len(i) for i in indexes]),
+            SHARD_COUNTS_KEY: shard_counts_sha256([len(i) for i in indexes]),
             "index_label_range": label_range}
 
 
